@@ -1,0 +1,35 @@
+"""jattn: multi-head self-attention for JAX, the functional way.
+
+Public API: ``dot_product_attention`` and ``attention_weights`` (the core),
+``init_params`` and ``multi_head_attention`` (multi-head functions over a
+parameter pytree), the mask helpers, ``flax_attention_fn`` (an
+``attention_fn`` for Flax's modules); submodules ``jattn.nnx`` and
+``jattn.linen`` (Flax wrappers) and ``jattn.testing`` (equivalence helpers).
+"""
+
+from jattn.attention import attention_weights, dot_product_attention
+from jattn.flax_compat import flax_attention_fn
+from jattn.masks import (
+  causal_mask,
+  combine_masks,
+  local_window_mask,
+  padding_mask,
+  segment_mask,
+)
+from jattn.multihead import init_params, multi_head_attention, param_shapes
+
+__version__ = '0.1.0'
+
+__all__ = [
+  'attention_weights',
+  'causal_mask',
+  'combine_masks',
+  'dot_product_attention',
+  'flax_attention_fn',
+  'init_params',
+  'local_window_mask',
+  'multi_head_attention',
+  'padding_mask',
+  'param_shapes',
+  'segment_mask',
+]

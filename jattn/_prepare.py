@@ -1,0 +1,216 @@
+"""Validate the public arguments and bring them to the kernels' layout.
+
+Everything here runs at trace time: shapes and dtypes are static, so bad input
+fails before anything is computed, with a message that names the argument.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn import _checks, _core, masks
+
+IMPLEMENTATIONS = (None, 'reference', 'xla', 'cudnn')
+
+
+class Prepared(NamedTuple):
+  """Kernel-ready arguments: one flat batch axis B = prod(B...).
+
+  q [B, T, H, D], k [B, S, K, D], v [B, S, K, V] or None;
+  bias/mask [B|1, H|1, T|1, S|1] or None; ctx fields [B] / [B, T] / [B, S],
+  seed [B, H]; batch_shape is the caller's B... .
+  """
+
+  q: jnp.ndarray
+  k: jnp.ndarray
+  v: jnp.ndarray | None
+  bias: jnp.ndarray | None
+  mask: jnp.ndarray | None
+  ctx: _core.Context
+  opts: _core.Options
+  batch_shape: tuple[int, ...]
+
+
+def static_options(
+  *,
+  scale,
+  is_causal,
+  local_window_size,
+  logits_soft_cap,
+  dropout_rate,
+  dropout_rng,
+  deterministic,
+  head_dim: int,
+) -> _core.Options:
+  """Check the non-array options and fold them into ``Options``."""
+  if scale is not None and not isinstance(scale, (int, float, np.floating)):
+    raise TypeError(f'`scale` must be a Python float or None; got {scale!r}.')
+  if not isinstance(is_causal, (bool, np.bool_)):
+    raise TypeError(f'`is_causal` must be a bool; got {is_causal!r}.')
+  if logits_soft_cap is not None and not (
+    isinstance(logits_soft_cap, (int, float)) and logits_soft_cap > 0
+  ):
+    raise ValueError(
+      f'`logits_soft_cap` must be a positive float or None; got {logits_soft_cap!r}.'
+    )
+  if not isinstance(dropout_rate, (int, float)) or not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f'`dropout_rate` must be in [0, 1); got {dropout_rate!r}.')
+  if deterministic is False and dropout_rate > 0.0 and dropout_rng is None:
+    raise ValueError(
+      '`dropout_rng` is required when deterministic=False and '
+      f'dropout_rate={dropout_rate} > 0.'
+    )
+  apply_dropout = dropout_rate > 0.0 and dropout_rng is not None and not deterministic
+  return _core.Options(
+    scale=float(1.0 / math.sqrt(head_dim) if scale is None else scale),
+    is_causal=bool(is_causal),
+    window=masks.normalize_window(local_window_size),
+    soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+    dropout_rate=float(dropout_rate) if apply_dropout else 0.0,
+  )
+
+
+def _check_prng_key(rng) -> None:
+  dtype = getattr(rng, 'dtype', None)
+  typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+  raw = dtype == np.uint32 and tuple(rng.shape) == (2,)
+  if not (typed and rng.ndim == 0) and not raw:
+    raise TypeError(
+      '`dropout_rng` must be one PRNG key (jax.random.key(...) or '
+      f'jax.random.PRNGKey(...)); got {type(rng).__name__} with dtype '
+      f'{dtype} and shape {tuple(getattr(rng, "shape", ()))}.'
+    )
+
+
+def _flatten_batch(x, batch_shape, batch: int, name: str, layout: str):
+  """[B..., rest] -> [B, rest]."""
+  if tuple(x.shape[: len(batch_shape)]) != tuple(batch_shape):
+    raise ValueError(
+      f'`{name}` {layout}: batch dims must be {tuple(batch_shape)} (those of '
+      f'`query`); got shape {tuple(x.shape)}.'
+    )
+  return x.reshape((batch,) + x.shape[len(batch_shape) :])
+
+
+def _logits_shaped(x, name, batch_shape, heads, q_len, kv_len):
+  """Broadcastable to [B..., H, T, S] -> [B|1, H|1, T|1, S|1]."""
+  target = tuple(batch_shape) + (heads, q_len, kv_len)
+  layout = '[B..., H, T, S]'
+  _checks.check_array(x, name, min_rank=0, layout=layout)
+  if x.ndim > len(target):
+    raise ValueError(
+      f'`{name}` must broadcast to {layout} = {target}; got shape '
+      f'{tuple(x.shape)} of higher rank.'
+    )
+  _checks.check_broadcastable(x, name, target, layout)
+  x = jnp.reshape(x, (1,) * (len(target) - x.ndim) + tuple(x.shape))
+  nb = len(batch_shape)
+  if any(d != 1 for d in x.shape[:nb]):
+    x = jnp.broadcast_to(x, target[:nb] + x.shape[nb:])
+    return x.reshape((math.prod(batch_shape),) + x.shape[nb:])
+  return x.reshape((1,) + x.shape[nb:])
+
+
+def prepare(
+  query,
+  key,
+  value,
+  bias,
+  mask,
+  *,
+  query_seq_lengths,
+  key_value_seq_lengths,
+  q_segment_ids,
+  kv_segment_ids,
+  dropout_rng,
+  opts_kwargs,
+) -> Prepared:
+  """Check every argument against the others; flatten batch dims."""
+  _checks.check_array(query, 'query', min_rank=3, layout='[B..., T, H, D]')
+  _checks.check_array(key, 'key', min_rank=3, layout='[B..., S, K, D]')
+  _checks.check_floating(query, 'query')
+  arrays = {'query': query, 'key': key}
+  if value is not None:
+    _checks.check_array(value, 'value', min_rank=3, layout='[B..., S, K, V]')
+    arrays['value'] = value
+  _checks.check_same_dtype(arrays)
+  batch_shape = tuple(query.shape[:-3])
+  q_len, heads, head_dim = query.shape[-3:]
+  batch = math.prod(batch_shape)
+  if key.ndim != query.ndim:
+    raise ValueError(
+      f'`key` [B..., S, K, D] must have the rank of `query` [B..., T, H, D] '
+      f'({query.ndim}); got key {tuple(key.shape)}, query '
+      f'{tuple(query.shape)}.'
+    )
+  k = _flatten_batch(key, batch_shape, batch, 'key', '[B..., S, K, D]')
+  kv_len, kv_heads, _ = k.shape[1:]
+  _checks.check_dim(
+    key, 'key', -1, head_dim, '[B..., S, K, D]', 'D (the head dim of query)'
+  )
+  if heads % kv_heads:
+    raise ValueError(
+      f'query heads H={heads} must be a multiple of key/value heads '
+      f'K={kv_heads}; got query {tuple(query.shape)}, key {tuple(key.shape)}.'
+    )
+  v = None
+  if value is not None:
+    if value.ndim != query.ndim:
+      raise ValueError(
+        f'`value` [B..., S, K, V] must have rank {query.ndim}; got '
+        f'{tuple(value.shape)}.'
+      )
+    v = _flatten_batch(value, batch_shape, batch, 'value', '[B..., S, K, V]')
+    if v.shape[1:3] != (kv_len, kv_heads):
+      raise ValueError(
+        f'`value` [B..., S, K, V] must match `key` [B..., S, K, D] in S and '
+        f'K; got value {tuple(value.shape)}, key {tuple(key.shape)}.'
+      )
+  q = query.reshape((batch, q_len, heads, head_dim))
+
+  if bias is not None:
+    _checks.check_array(bias, 'bias', min_rank=0, layout='[B..., H, T, S]')
+    _checks.check_floating(bias, 'bias')
+    bias = _logits_shaped(bias, 'bias', batch_shape, heads, q_len, kv_len)
+  if mask is not None:
+    _checks.check_array(mask, 'mask', min_rank=0, layout='[B..., H, T, S]')
+    _checks.check_bool(mask, 'mask')
+    mask = _logits_shaped(mask, 'mask', batch_shape, heads, q_len, kv_len)
+
+  if kv_segment_ids is None and q_segment_ids is not None:
+    if kv_len != q_len:
+      raise ValueError(
+        '`kv_segment_ids` [B..., S] is required when T != S; got T='
+        f'{q_len}, S={kv_len}.'
+      )
+    kv_segment_ids = q_segment_ids
+  if q_segment_ids is None and kv_segment_ids is not None:
+    raise ValueError('`kv_segment_ids` was given without `q_segment_ids`.')
+
+  def per_sequence(x, name, tail, layout):
+    if x is None:
+      return None
+    x = jnp.asarray(x)
+    _checks.check_integer(x, name)
+    _checks.check_shape(x, name, batch_shape + tail, layout)
+    return x.reshape((batch,) + tail)
+
+  opts = static_options(dropout_rng=dropout_rng, head_dim=head_dim, **opts_kwargs)
+  seed = None
+  if dropout_rng is not None:
+    _check_prng_key(dropout_rng)
+  if opts.dropout_rate > 0.0:
+    seed = jax.random.bits(dropout_rng, (batch, heads), jnp.uint32)
+  ctx = _core.Context(
+    q_len=per_sequence(query_seq_lengths, 'query_seq_lengths', (), '[B...]'),
+    kv_len=per_sequence(key_value_seq_lengths, 'key_value_seq_lengths', (), '[B...]'),
+    q_seg=per_sequence(q_segment_ids, 'q_segment_ids', (q_len,), '[B..., T]'),
+    kv_seg=per_sequence(kv_segment_ids, 'kv_segment_ids', (kv_len,), '[B..., S]'),
+    seed=seed,
+  )
+  return Prepared(q, k, v, bias, mask, ctx, opts, batch_shape)

@@ -1,0 +1,218 @@
+"""``jattn.dot_product_attention``: the one entry point, and its weights.
+
+Shape legend (DESIGN.md): B batch (any number of leading dims), T query
+length, S key/value length, H query heads, K key/value heads (G = H // K query
+heads share one), D query/key head dim, V value head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from jattn import _core, _prepare, _reference, _xla
+
+_STATIC = (
+  'scale',
+  'is_causal',
+  'local_window_size',
+  'logits_soft_cap',
+  'dropout_rate',
+  'deterministic',
+  'implementation',
+)
+
+
+def _check_implementation(implementation) -> None:
+  if implementation not in _prepare.IMPLEMENTATIONS:
+    raise ValueError(
+      f'`implementation` must be one of {_prepare.IMPLEMENTATIONS}; got '
+      f'{implementation!r}.'
+    )
+
+
+def _hashable_window(local_window_size):
+  if isinstance(local_window_size, list):
+    return tuple(local_window_size)
+  return local_window_size
+
+
+def choose_implementation(p: _prepare.Prepared, implementation):
+  """The auto rule: XLA's fused path when it takes the arguments, else reference."""
+  if implementation is not None:
+    return implementation
+  return 'reference' if _xla.unsupported(p) else 'xla'
+
+
+def dot_product_attention(
+  query,
+  key,
+  value,
+  bias=None,
+  mask=None,
+  *,
+  scale: float | None = None,
+  is_causal: bool = False,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  q_segment_ids=None,
+  kv_segment_ids=None,
+  local_window_size: int | tuple[int, int] | None = None,
+  logits_soft_cap: float | None = None,
+  dropout_rate: float = 0.0,
+  dropout_rng=None,
+  deterministic: bool | None = None,
+  implementation: str | None = None,
+):
+  """Scaled dot-product attention, a drop-in for ``jax.nn.dot_product_attention``.
+
+  ``softmax(soft_cap(scale * Q Kᵀ) + bias, masked) V`` per head, with
+  float32 logits and softmax whatever the input dtype.
+
+  Args:
+    query: ``[B..., T, H, D]``.
+    key: ``[B..., S, K, D]``; K divides H and query head h reads KV head
+      ``h // (H // K)`` (GQA; K = 1 is MQA).
+    value: ``[B..., S, K, V]``, same dtype as query and key.
+    bias: float, broadcastable to ``[B..., H, T, S]``; added to the logits.
+    mask: bool, broadcastable to ``[B..., H, T, S]``; True = may attend.
+    scale: logit scale, default ``1/sqrt(D)``.
+    is_causal: top-left causal mask (query i sees keys 0..i).
+    query_seq_lengths: int ``[B...]``; query rows past it return zeros.
+    key_value_seq_lengths: int ``[B...]``; keys past it are hidden.
+    q_segment_ids: int ``[B..., T]``; queries see only keys of their segment.
+    kv_segment_ids: int ``[B..., S]``; defaults to q_segment_ids when T == S.
+    local_window_size: ``w`` or ``(left, right)``: query i sees keys
+      ``i - left .. i + right``.
+    logits_soft_cap: ``c``: logits become ``c * tanh(logits / c)`` (before bias).
+    dropout_rate: inverted dropout on the normalised weights, in [0, 1).
+    dropout_rng: PRNG key for dropout. Without it (or with rate 0 or
+      ``deterministic=True``) no dropout is applied.
+    deterministic: None: dropout iff a key is given. False with a rate > 0
+      and no key is an error.
+    implementation: None (auto: ``'xla'`` when ``jax.nn`` takes the
+      arguments, else ``'reference'``), ``'reference'`` (single-head function
+      vmapped over heads), ``'xla'`` or ``'cudnn'`` (``jax.nn``).
+
+  Returns:
+    ``[B..., T, H, V]`` in the query's dtype. A query row with nothing to
+    attend to is zero, with finite gradients.
+  """
+  _check_implementation(implementation)
+  return _attention_jit(
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    q_segment_ids=q_segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    dropout_rng=dropout_rng,
+    scale=scale,
+    is_causal=is_causal,
+    local_window_size=_hashable_window(local_window_size),
+    logits_soft_cap=logits_soft_cap,
+    dropout_rate=dropout_rate,
+    deterministic=deterministic,
+    implementation=implementation,
+  )
+
+
+def _prepare_call(query, key, value, bias, mask, dynamic, static):
+  return _prepare.prepare(
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    **dynamic,
+    opts_kwargs={k: v for k, v in static.items() if k != 'implementation'},
+  )
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _attention_jit(query, key, value, bias, mask, **kwargs):
+  static = {k: kwargs.pop(k) for k in _STATIC}
+  p = _prepare_call(query, key, value, bias, mask, kwargs, static)
+  implementation = choose_implementation(p, static['implementation'])
+  if implementation in ('xla', 'cudnn'):
+    out = _xla.attention(p, implementation)
+  else:
+    head_fn = functools.partial(_reference.head_attention, p.opts)
+    out = _core.map_heads(
+      lambda q, k, v, b, m, c: head_fn(c, q, k, v, b, m),
+      p.q,
+      p.k,
+      p.v,
+      p.bias,
+      p.mask,
+      p.ctx,
+      out_axis=1,
+    )
+  return out.reshape(p.batch_shape + query.shape[-3:-1] + (p.v.shape[-1],))
+
+
+def attention_weights(
+  query,
+  key,
+  bias=None,
+  mask=None,
+  *,
+  scale: float | None = None,
+  is_causal: bool = False,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  q_segment_ids=None,
+  kv_segment_ids=None,
+  local_window_size: int | tuple[int, int] | None = None,
+  logits_soft_cap: float | None = None,
+  dropout_rate: float = 0.0,
+  dropout_rng=None,
+  deterministic: bool | None = None,
+):
+  """The normalised weights ``[B..., H, T, S]`` (float32) for the same arguments.
+
+  ``dot_product_attention(...) == einsum(weights, value)`` up to rounding;
+  rows with nothing to attend to are zero. Materialises ``[T, S]``: use it to
+  inspect and plot, not inside a model.
+  """
+  return _weights_jit(
+    query,
+    key,
+    bias,
+    mask,
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    q_segment_ids=q_segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    dropout_rng=dropout_rng,
+    scale=scale,
+    is_causal=is_causal,
+    local_window_size=_hashable_window(local_window_size),
+    logits_soft_cap=logits_soft_cap,
+    dropout_rate=dropout_rate,
+    deterministic=deterministic,
+    implementation=None,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _weights_jit(query, key, bias, mask, **kwargs):
+  static = {k: kwargs.pop(k) for k in _STATIC}
+  p = _prepare_call(query, key, None, bias, mask, kwargs, static)
+  head_fn = functools.partial(_reference.head_weights, p.opts)
+  weights = _core.map_heads(
+    lambda q, k, v, b, m, c: head_fn(c, q, k, b, m),
+    p.q,
+    p.k,
+    p.k,
+    p.bias,
+    p.mask,
+    p.ctx,
+    out_axis=0,
+  )  # [B, K, G, T, S]
+  heads = query.shape[-2]
+  return weights.reshape(p.batch_shape + (heads,) + weights.shape[-2:])

@@ -1,0 +1,106 @@
+"""``jattn.linen.MultiHeadAttention``: a flax.linen wrapper.
+
+Declares the parameters with ``self.param`` (same names and shapes as
+``flax.linen.MultiHeadDotProductAttention``) and calls
+``jattn.multihead.multi_head_attention``; it owns no math.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jattn import multihead
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention; E and E_kv are read from the inputs.
+
+  Attributes: num_heads (H), head_dim (D, default E // H), num_kv_heads
+  (K, default H), value_head_dim (V, default D), out_features (F, default E),
+  use_bias, dtype (compute; default widest of inputs and parameters),
+  param_dtype, initialisers, dropout_rate, deterministic, implementation.
+  Dropout draws from the ``'dropout'`` rng collection.
+  """
+
+  num_heads: int
+  head_dim: int | None = None
+  num_kv_heads: int | None = None
+  value_head_dim: int | None = None
+  out_features: int | None = None
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = jax.nn.initializers.lecun_normal()
+  out_kernel_init: Any = None
+  bias_init: Any = jax.nn.initializers.zeros
+  dropout_rate: float = 0.0
+  deterministic: bool | None = None
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(
+    self,
+    inputs_q,
+    inputs_k=None,
+    inputs_v=None,
+    *,
+    mask=None,
+    bias=None,
+    deterministic: bool | None = None,
+    dropout_rng=None,
+    **attention_kwargs,
+  ):
+    """``[B..., T, E] -> [B..., T, F]``; options as in ``dot_product_attention``."""
+    kv_inputs = inputs_q if inputs_k is None else inputs_k
+    shapes = multihead.param_shapes(
+      inputs_q.shape[-1],
+      self.num_heads,
+      head_dim=self.head_dim,
+      num_kv_heads=self.num_kv_heads,
+      value_head_dim=self.value_head_dim,
+      out_features=self.out_features,
+      kv_features=kv_inputs.shape[-1],
+      use_bias=self.use_bias,
+    )
+    params = {
+      name: self.param(
+        name,
+        functools.partial(
+          multihead.init_projection,
+          shapes=shapes[name],
+          fan_in_axes=multihead.fan_in_axes(name),
+          param_dtype=self.param_dtype,
+          kernel_init=(self.out_kernel_init or self.kernel_init)
+          if name == 'out'
+          else self.kernel_init,
+          bias_init=self.bias_init,
+        ),
+      )
+      for name in multihead.PROJECTIONS
+    }
+    deterministic = (
+      nn.merge_param('deterministic', self.deterministic, deterministic)
+      if self.dropout_rate > 0.0
+      else True
+    )
+    if not deterministic and dropout_rng is None:
+      dropout_rng = self.make_rng('dropout')
+    return multihead.multi_head_attention(
+      params,
+      inputs_q,
+      inputs_k,
+      inputs_v,
+      mask=mask,
+      bias=bias,
+      dtype=self.dtype,
+      dropout_rate=self.dropout_rate,
+      dropout_rng=dropout_rng,
+      deterministic=deterministic,
+      implementation=self.implementation,
+      **attention_kwargs,
+    )

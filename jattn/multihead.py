@@ -1,0 +1,289 @@
+"""Multi-head attention as pure functions over an explicit parameter pytree.
+
+The pytree is a plain nested dict in the layout of
+``flax.linen.MultiHeadDotProductAttention`` (and ``flax.nnx.MultiHeadAttention``)::
+
+  {'query': {'kernel': [E, H, D], 'bias': [H, D]},
+   'key':   {'kernel': [E, K, D], 'bias': [K, D]},
+   'value': {'kernel': [E, K, V], 'bias': [K, V]},
+   'out':   {'kernel': [H, V, F], 'bias': [F]}}
+
+Biases are absent when ``use_bias=False``. Head counts and dims are read from
+the shapes, so ``multi_head_attention`` needs no config object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jattn import _checks
+from jattn.attention import dot_product_attention
+
+Initializer = Callable[..., jnp.ndarray]
+PROJECTIONS = ('query', 'key', 'value', 'out')
+
+
+def param_shapes(
+  in_features: int,
+  num_heads: int,
+  *,
+  head_dim: int | None = None,
+  num_kv_heads: int | None = None,
+  value_head_dim: int | None = None,
+  out_features: int | None = None,
+  kv_features: int | None = None,
+  use_bias: bool = True,
+) -> dict[str, dict[str, tuple[int, ...]]]:
+  """The shape of every parameter; defaults follow Flax (D = E // H, F = E)."""
+  for name, value in (('in_features', in_features), ('num_heads', num_heads)):
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f'`{name}` must be a positive int; got {value!r}.')
+  if head_dim is None:
+    if in_features % num_heads:
+      raise ValueError(
+        f'`in_features`={in_features} is not divisible by `num_heads`='
+        f'{num_heads}; pass `head_dim`.'
+      )
+    head_dim = in_features // num_heads
+  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+  if num_kv_heads <= 0 or num_heads % num_kv_heads:
+    raise ValueError(
+      f'`num_heads`={num_heads} must be a multiple of `num_kv_heads`={num_kv_heads}.'
+    )
+  value_head_dim = head_dim if value_head_dim is None else value_head_dim
+  out_features = in_features if out_features is None else out_features
+  kv_features = in_features if kv_features is None else kv_features
+  kernels = {
+    'query': (in_features, num_heads, head_dim),
+    'key': (kv_features, num_kv_heads, head_dim),
+    'value': (kv_features, num_kv_heads, value_head_dim),
+    'out': (num_heads, value_head_dim, out_features),
+  }
+  shapes = {}
+  for name, kernel in kernels.items():
+    shapes[name] = {'kernel': kernel}
+    if use_bias:
+      shapes[name]['bias'] = kernel[-1:] if name == 'out' else kernel[1:]
+  return shapes
+
+
+def init_projection(
+  rng,
+  shapes: dict[str, tuple[int, ...]],
+  *,
+  fan_in_axes: int,
+  param_dtype=jnp.float32,
+  kernel_init: Initializer = jax.nn.initializers.lecun_normal(),
+  bias_init: Initializer = jax.nn.initializers.zeros,
+) -> dict[str, jnp.ndarray]:
+  """One projection's ``{'kernel', 'bias'}``; fan-in over the first axes."""
+  kernel_rng, bias_rng = jax.random.split(rng)
+  kernel_shape = shapes['kernel']
+  flat = (
+    math.prod(kernel_shape[:fan_in_axes]),
+    math.prod(kernel_shape[fan_in_axes:]),
+  )
+  params = {'kernel': kernel_init(kernel_rng, flat, param_dtype).reshape(kernel_shape)}
+  if 'bias' in shapes:
+    params['bias'] = bias_init(bias_rng, shapes['bias'], param_dtype)
+  return params
+
+
+def fan_in_axes(name: str) -> int:
+  """The out projection reads (H, V); the others read E."""
+  return 2 if name == 'out' else 1
+
+
+def init_params(
+  rng,
+  in_features: int,
+  num_heads: int,
+  *,
+  head_dim: int | None = None,
+  num_kv_heads: int | None = None,
+  value_head_dim: int | None = None,
+  out_features: int | None = None,
+  kv_features: int | None = None,
+  use_bias: bool = True,
+  param_dtype=jnp.float32,
+  kernel_init: Initializer = jax.nn.initializers.lecun_normal(),
+  out_kernel_init: Initializer | None = None,
+  bias_init: Initializer = jax.nn.initializers.zeros,
+) -> dict[str, dict[str, jnp.ndarray]]:
+  """A fresh parameter pytree (layout in the module docstring)."""
+  shapes = param_shapes(
+    in_features,
+    num_heads,
+    head_dim=head_dim,
+    num_kv_heads=num_kv_heads,
+    value_head_dim=value_head_dim,
+    out_features=out_features,
+    kv_features=kv_features,
+    use_bias=use_bias,
+  )
+  rngs = dict(zip(PROJECTIONS, jax.random.split(rng, len(PROJECTIONS)), strict=True))
+  return {
+    name: init_projection(
+      rngs[name],
+      shapes[name],
+      fan_in_axes=fan_in_axes(name),
+      param_dtype=param_dtype,
+      kernel_init=(out_kernel_init or kernel_init) if name == 'out' else kernel_init,
+      bias_init=bias_init,
+    )
+    for name in PROJECTIONS
+  }
+
+
+def _check_params(params) -> None:
+  """The pytree has the four projections with consistent shapes."""
+  if not isinstance(params, dict) or set(params) != set(PROJECTIONS):
+    got = sorted(params) if isinstance(params, dict) else type(params).__name__
+    raise ValueError(
+      f'`params` must be a dict with keys {list(PROJECTIONS)}; got {got}.'
+    )
+  for name in PROJECTIONS:
+    entry = params[name]
+    if not isinstance(entry, dict) or 'kernel' not in entry:
+      raise ValueError(f"`params['{name}']` must be a dict with a 'kernel'.")
+    _checks.check_array(
+      entry['kernel'], f"params['{name}']['kernel']", min_rank=3, layout='[E, H|K, D]'
+    )
+    if entry['kernel'].ndim != 3:
+      raise ValueError(
+        f"`params['{name}']['kernel']` must have rank 3; got shape "
+        f'{tuple(entry["kernel"].shape)}.'
+      )
+  heads, head_dim = params['query']['kernel'].shape[1:]
+  kv_heads = params['key']['kernel'].shape[1]
+  if heads % kv_heads:
+    raise ValueError(
+      f"`params['key']['kernel']` [E, K, D] has K={kv_heads} heads, which "
+      f'does not divide the H={heads} query heads; got shape '
+      f'{tuple(params["key"]["kernel"].shape)}.'
+    )
+  expected = {
+    'key': (None, kv_heads, head_dim),
+    'value': (params['key']['kernel'].shape[0], kv_heads, None),
+    'out': (heads, params['value']['kernel'].shape[2], None),
+  }
+  for name, dims in expected.items():
+    actual = params[name]['kernel'].shape
+    if any(e is not None and e != a for e, a in zip(dims, actual, strict=True)):
+      layout = {'key': '[E, K, D]', 'value': '[E, K, V]', 'out': '[H, V, F]'}
+      raise ValueError(
+        f"`params['{name}']['kernel']` must be {layout[name]} = "
+        f'{tuple("?" if d is None else d for d in dims)} given the query '
+        f'kernel {tuple(params["query"]["kernel"].shape)}; got '
+        f'{tuple(actual)}.'
+      )
+  for name in PROJECTIONS:
+    kernel = params[name]['kernel']
+    bias = params[name].get('bias')
+    want = kernel.shape[-1:] if name == 'out' else kernel.shape[1:]
+    if bias is not None and tuple(bias.shape) != tuple(want):
+      raise ValueError(
+        f"`params['{name}']['bias']` must have shape {tuple(want)}; got "
+        f'{tuple(bias.shape)}.'
+      )
+
+
+def _compute_dtype(dtype, *arrays):
+  """The given dtype, or the widest float among the arrays (Flax's rule)."""
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  dtypes = {jnp.dtype(x.dtype) for x in arrays}
+  widest = max(dtypes, key=lambda d: d.itemsize)
+  if widest.itemsize == 2 and len(dtypes) > 1:  # bfloat16 with float16
+    return jnp.dtype(jnp.float32)
+  return widest
+
+
+def _project(x, projection, subscripts: str, dtype):
+  y = jnp.einsum(subscripts, x.astype(dtype), projection['kernel'].astype(dtype))
+  if 'bias' in projection:
+    bias = projection['bias'].astype(dtype)
+    y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+  return y
+
+
+def multi_head_attention(
+  params,
+  inputs_q,
+  inputs_k=None,
+  inputs_v=None,
+  *,
+  mask=None,
+  bias=None,
+  dtype=None,
+  dropout_rate: float = 0.0,
+  dropout_rng=None,
+  deterministic: bool | None = None,
+  implementation: str | None = None,
+  **attention_kwargs,
+):
+  """Project, attend, project back: ``[B..., T, E] -> [B..., T, F]``.
+
+  Args:
+    params: the parameter pytree (module docstring).
+    inputs_q: ``[B..., T, E]``.
+    inputs_k: ``[B..., S, E_kv]``; None for self-attention.
+    inputs_v: ``[B..., S, E_kv]``; None means ``inputs_k``.
+    mask, bias: as in ``jattn.dot_product_attention`` (``[B..., H, T, S]``).
+    dtype: compute dtype; default the widest of the inputs and parameters.
+    dropout_rate, dropout_rng, deterministic, implementation: as in
+      ``jattn.dot_product_attention``.
+    **attention_kwargs: any other ``jattn.dot_product_attention`` option
+      (``is_causal``, ``query_seq_lengths``, ``q_segment_ids``, ...).
+
+  Returns:
+    ``[B..., T, F]`` in the compute dtype.
+  """
+  _check_params(params)
+  if inputs_k is None:
+    if inputs_v is not None:
+      raise ValueError('`inputs_v` was given without `inputs_k`.')
+    inputs_k = inputs_q
+  if inputs_v is None:
+    inputs_v = inputs_k
+  for name, x in (
+    ('inputs_q', inputs_q),
+    ('inputs_k', inputs_k),
+    ('inputs_v', inputs_v),
+  ):
+    _checks.check_array(x, name, min_rank=2, layout='[B..., T|S, E]')
+    _checks.check_floating(x, name)
+  _checks.check_dim(
+    inputs_q,
+    'inputs_q',
+    -1,
+    params['query']['kernel'].shape[0],
+    '[B..., T, E]',
+    "E (rows of params['query']['kernel'])",
+  )
+  for name, x in (('inputs_k', inputs_k), ('inputs_v', inputs_v)):
+    kernel = params['key' if name == 'inputs_k' else 'value']['kernel']
+    _checks.check_dim(
+      x, name, -1, kernel.shape[0], '[B..., S, E_kv]', 'E_kv (rows of its kernel)'
+    )
+  dtype = _compute_dtype(dtype, inputs_q, inputs_k, inputs_v, *jax.tree.leaves(params))
+  query = _project(inputs_q, params['query'], '...te,ehd->...thd', dtype)
+  key = _project(inputs_k, params['key'], '...se,ekd->...skd', dtype)
+  value = _project(inputs_v, params['value'], '...se,ekv->...skv', dtype)
+  encoded = dot_product_attention(
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    dropout_rate=dropout_rate,
+    dropout_rng=dropout_rng,
+    deterministic=deterministic,
+    implementation=implementation,
+    **attention_kwargs,
+  )
+  return _project(encoded, params['out'], '...thv,hvf->...tf', dtype)

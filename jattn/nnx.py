@@ -1,0 +1,169 @@
+"""``jattn.nnx.MultiHeadAttention``: a flax.nnx wrapper that holds parameters.
+
+It owns no math: ``__call__`` gathers its parameters into the plain pytree and
+calls ``jattn.multihead.multi_head_attention``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jattn import multihead
+
+
+class _Projection(nnx.Module):
+  """One projection's parameters (``kernel`` and optional ``bias``)."""
+
+  def __init__(self, arrays: dict[str, jnp.ndarray]):
+    self.kernel = nnx.Param(arrays['kernel'])
+    self.bias = nnx.Param(arrays['bias']) if 'bias' in arrays else None
+
+  def as_dict(self) -> dict[str, jnp.ndarray]:
+    arrays = {'kernel': self.kernel[...]}
+    if self.bias is not None:
+      arrays['bias'] = self.bias[...]
+    return arrays
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head attention; parameters in Flax's layout (see ``jattn.multihead``).
+
+  Args mirror ``flax.nnx.MultiHeadAttention`` where they overlap:
+    num_heads: H. in_features: E.
+    head_dim: D (default E // H). num_kv_heads: K (default H; < H is GQA).
+    value_head_dim: V (default D). out_features: F (default E).
+    kv_features: E of the key/value inputs (default E).
+    dtype: compute dtype (default: widest of inputs and parameters).
+    dropout_rate, deterministic: dropout on the attention weights; draws keys
+      from ``rngs.dropout`` unless ``rngs`` is passed to ``__call__``.
+    implementation: as in ``jattn.dot_product_attention``.
+    rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` if dropout is used).
+  """
+
+  def __init__(
+    self,
+    num_heads: int,
+    in_features: int,
+    *,
+    head_dim: int | None = None,
+    num_kv_heads: int | None = None,
+    value_head_dim: int | None = None,
+    out_features: int | None = None,
+    kv_features: int | None = None,
+    use_bias: bool = True,
+    dtype=None,
+    param_dtype=jnp.float32,
+    kernel_init=jax.nn.initializers.lecun_normal(),
+    out_kernel_init=None,
+    bias_init=jax.nn.initializers.zeros,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    implementation: str | None = None,
+    rngs: nnx.Rngs,
+  ):
+    params = multihead.init_params(
+      rngs.params(),
+      in_features,
+      num_heads,
+      head_dim=head_dim,
+      num_kv_heads=num_kv_heads,
+      value_head_dim=value_head_dim,
+      out_features=out_features,
+      kv_features=kv_features,
+      use_bias=use_bias,
+      param_dtype=param_dtype,
+      kernel_init=kernel_init,
+      out_kernel_init=out_kernel_init,
+      bias_init=bias_init,
+    )
+    self._set_params(params)
+    self.dtype = dtype
+    self.dropout_rate = dropout_rate
+    self.deterministic = deterministic
+    self.implementation = implementation
+    self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
+
+  def _set_params(self, params) -> None:
+    multihead._check_params(params)
+    self.query = _Projection(params['query'])
+    self.key = _Projection(params['key'])
+    self.value = _Projection(params['value'])
+    self.out = _Projection(params['out'])
+
+  @classmethod
+  def from_params(
+    cls,
+    params,
+    *,
+    dtype=None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    implementation: str | None = None,
+    rngs: nnx.Rngs | None = None,
+  ) -> MultiHeadAttention:
+    """A module holding ``params`` (e.g. from ``jattn.linen`` or Flax linen)."""
+    multihead._check_params(params)
+    in_features, heads, head_dim = params['query']['kernel'].shape
+    kv_features, kv_heads, value_dim = params['value']['kernel'].shape
+    module = cls(
+      heads,
+      in_features,
+      head_dim=head_dim,
+      num_kv_heads=kv_heads,
+      value_head_dim=value_dim,
+      kv_features=kv_features,
+      out_features=params['out']['kernel'].shape[-1],
+      use_bias='bias' in params['query'],
+      rngs=rngs or nnx.Rngs(0),
+      dtype=dtype,
+      dropout_rate=dropout_rate,
+      deterministic=deterministic,
+      implementation=implementation,
+    )
+    module._set_params(params)  # replaces the fresh initialisation
+    return module
+
+  def to_params(self) -> dict[str, dict[str, jnp.ndarray]]:
+    """The plain parameter pytree (Flax linen's layout)."""
+    return {name: getattr(self, name).as_dict() for name in multihead.PROJECTIONS}
+
+  def __call__(
+    self,
+    inputs_q,
+    inputs_k=None,
+    inputs_v=None,
+    *,
+    mask=None,
+    bias=None,
+    deterministic: bool | None = None,
+    rngs: nnx.Rngs | None = None,
+    **attention_kwargs,
+  ):
+    """``[B..., T, E] -> [B..., T, F]``; keyword options as in
+    ``jattn.dot_product_attention`` (``is_causal``, lengths, segments, ...)."""
+    deterministic = self.deterministic if deterministic is None else deterministic
+    dropout_rng = None
+    if self.dropout_rate > 0.0 and not deterministic:
+      stream = rngs.dropout if rngs is not None else self.rngs
+      if stream is None:
+        raise ValueError(
+          'dropout needs `rngs`: pass rngs= to __call__ or construct the '
+          'module with an nnx.Rngs that has a dropout stream.'
+        )
+      dropout_rng = stream()
+    return multihead.multi_head_attention(
+      self.to_params(),
+      inputs_q,
+      inputs_k,
+      inputs_v,
+      mask=mask,
+      bias=bias,
+      dtype=self.dtype,
+      dropout_rate=self.dropout_rate,
+      dropout_rng=dropout_rng,
+      deterministic=deterministic,
+      implementation=self.implementation,
+      **attention_kwargs,
+    )

@@ -1,0 +1,83 @@
+"""Parity with jax.nn.dot_product_attention for every argument it shares."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jattn
+from jattn import testing
+from tests import helpers
+
+B, T, S, H, K = 2, 6, 7, 4, 2
+
+FEATURES = {
+  'plain': {},
+  'causal': {'is_causal': True},
+  'mask': {'mask': helpers.random_mask(1, (B, 1, T, S))},
+  'mask_per_head': {'mask': helpers.random_mask(2, (B, H, T, S))},
+  'bias': {'bias': jax.random.normal(jax.random.key(3), (1, H, T, S))},
+  'lengths': {
+    'query_seq_lengths': jnp.array([6, 3]),
+    'key_value_seq_lengths': jnp.array([7, 4]),
+  },
+  'window': {'local_window_size': (2, 1)},
+  'scale': {'scale': 0.3},
+  'mqa': {'kv_heads': 1},
+  'mha': {'kv_heads': H},
+  'combined': {
+    'is_causal': True,
+    'local_window_size': 3,
+    'mask': helpers.random_mask(4, (B, 1, T, S)),
+    'bias': jax.random.normal(jax.random.key(5), (B, 1, 1, S)),
+    'key_value_seq_lengths': jnp.array([7, 5]),
+  },
+}
+
+
+def jax_nn_with_zero_rows(query, key, value, bias, **kwargs):
+  """jax.nn, with rows that see no key zeroed (it returns mean(V) there)."""
+  weights = jattn.attention_weights(query, key, bias, **kwargs)
+  has_key = jnp.swapaxes(weights.sum(-1) > 0, -1, -2)[..., None]
+  mask = kwargs.pop('mask', None)
+  with jax.numpy_dtype_promotion('standard'):
+    out = jax.nn.dot_product_attention(query, key, value, bias, mask, **kwargs)
+  return jnp.where(has_key, out, jnp.zeros((), out.dtype))
+
+
+@pytest.mark.parametrize('dtype', helpers.DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize('feature', sorted(FEATURES))
+@pytest.mark.parametrize('impl', ['reference', None])
+def test_matches_jax_nn(feature, dtype, impl):
+  kwargs = dict(FEATURES[feature])
+  kv_heads = kwargs.pop('kv_heads', K)
+  bias = kwargs.pop('bias', None)
+  q, k, v = helpers.qkv(
+    0, batch=(B,), q_len=T, kv_len=S, heads=H, kv_heads=kv_heads, dtype=dtype
+  )
+  bias = None if bias is None else bias.astype(dtype)
+  args = (q, k, v) if bias is None else (q, k, v, bias)
+
+  def ours(q, k, v, b=None):
+    return jattn.dot_product_attention(q, k, v, b, implementation=impl, **kwargs)
+
+  def theirs(q, k, v, b=None):
+    return jax_nn_with_zero_rows(q, k, v, b, **kwargs)
+
+  with jax.numpy_dtype_promotion('standard'):
+    testing.assert_functions_agree(ours, theirs, *args, argnums=tuple(range(len(args))))
+
+
+def test_default_reads_kv_head_h_over_g():
+  # Query head h must read KV head h // G: permuting KV heads must change it.
+  q, k, v = helpers.qkv(0, heads=4, kv_heads=2)
+  out = jattn.dot_product_attention(q, k, v)
+  expected = jnp.concatenate(
+    [
+      jattn.dot_product_attention(
+        q[:, :, 2 * g : 2 * g + 2], k[:, :, g : g + 1], v[:, :, g : g + 1]
+      )
+      for g in range(2)
+    ],
+    axis=2,
+  )
+  testing.assert_trees_close(out, expected, jnp.float32)
