@@ -43,12 +43,23 @@ class Context(NamedTuple):
   seed: jnp.ndarray | None = None
 
 
+def matmul(subscripts: str, a, b):
+  """einsum with float32 results; half-precision operands on CPU go float32.
+
+  XLA's CPU dot does not take every bf16 x bf16 -> f32 shape, and it has no
+  fast half-precision path to lose; GPUs and TPUs keep the half inputs.
+  """
+  if jax.default_backend() == 'cpu':
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
+
+
 def block_logits(opts: Options, q, k, bias=None):
   """``q [t, D], k [s, D], bias [t, s] -> [t, s]`` float32 logits.
 
   ``soft_cap * tanh(scale q.k / soft_cap) + bias``.
   """
-  logits = jnp.einsum('td,sd->ts', q, k, preferred_element_type=jnp.float32)
+  logits = matmul('td,sd->ts', q, k)
   logits = logits * jnp.float32(opts.scale)
   if opts.soft_cap is not None:
     cap = jnp.float32(opts.soft_cap)
@@ -99,18 +110,25 @@ def dropout_keep(seed, rows, cols, rate: float):
   return bits >= threshold
 
 
-def map_heads(head_fn, q, k, v, bias, mask, ctx: Context, *, out_axis: int):
-  """Apply ``head_fn(q [T,D], k [S,D], v [S,V], bias, mask, ctx)`` per head.
+def map_heads(
+  head_fn, q, k, v, bias, mask, ctx: Context, *, out_axis: int, per_head=()
+):
+  """Apply ``head_fn(q [T,D], k [S,D], v [S,V], bias, mask, ctx, *extra)``
+  to every head.
 
   q [B, T, H, D], k [B, S, K, D], v [B, S, K, V]; bias/mask [B|1, H|1, T, S]
-  or None; ctx fields [B, ...] except seed [B, H]. Query head h reads KV head
-  h // G. The head's result gains axes (K, G) at ``out_axis``; the batch axis
-  is prepended. Returns ``[B, ..., K, G, ...]``.
+  or None; ctx fields [B, ...] except seed [B, H]; each of ``per_head`` is
+  [B, K, G, ...]. Query head h reads KV head h // G. The head's results gain
+  axes (K, G) at ``out_axis``; the batch axis is prepended.
   """
   batch, _, num_heads, _ = q.shape
   num_kv = k.shape[2]
   groups = num_heads // num_kv
-  q = q.reshape(q.shape[:2] + (num_kv, groups, q.shape[-1]))
+  # Heads first inside ([B, K, G, T, D]): each head's rows are contiguous,
+  # which is what the per-head matmuls want (notably on CPU).
+  q = jnp.moveaxis(q.reshape(q.shape[:2] + (num_kv, groups, q.shape[-1])), 1, 3)
+  k = jnp.moveaxis(k, 1, 2)
+  v = jnp.moveaxis(v, 1, 2)
 
   def split_heads(x):
     """[B|1, H|1, T, S] -> (array, batch axis, head axis) for the vmaps."""
@@ -133,18 +151,18 @@ def map_heads(head_fn, q, k, v, bias, mask, ctx: Context, *, out_axis: int):
   if seed is not None:
     seed = seed.reshape((batch, num_kv, groups))
 
-  def per_head(q_h, k_h, v_h, bias_h_, mask_h_, seed_h, c):
-    return head_fn(q_h, k_h, v_h, bias_h_, mask_h_, c._replace(seed=seed_h))
+  def per_head_fn(q_h, k_h, v_h, bias_h_, mask_h_, seed_h, c, extra):
+    return head_fn(q_h, k_h, v_h, bias_h_, mask_h_, c._replace(seed=seed_h), *extra)
 
   over_groups = jax.vmap(
-    per_head,
-    in_axes=(1, None, None, bias_h, mask_h, 0, None),
+    per_head_fn,
+    in_axes=(0, None, None, bias_h, mask_h, 0, None, 0),
     out_axes=out_axis,
   )
   over_kv = jax.vmap(
     over_groups,
-    in_axes=(1, 1, 1, bias_h, mask_h, 0, None),
+    in_axes=(0, 0, 0, bias_h, mask_h, 0, None, 0),
     out_axes=out_axis,
   )
-  over_batch = jax.vmap(over_kv, in_axes=(0, 0, 0, bias_b, mask_b, 0, 0), out_axes=0)
-  return over_batch(q, k, v, bias, mask, seed, ctx._replace(seed=None))
+  over_batch = jax.vmap(over_kv, in_axes=(0, 0, 0, bias_b, mask_b, 0, 0, 0), out_axes=0)
+  return over_batch(q, k, v, bias, mask, seed, ctx._replace(seed=None), tuple(per_head))

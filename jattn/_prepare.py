@@ -15,7 +15,7 @@ import numpy as np
 
 from jattn import _checks, _core, masks
 
-IMPLEMENTATIONS = (None, 'reference', 'xla', 'cudnn')
+IMPLEMENTATIONS = (None, 'flash', 'reference', 'xla', 'cudnn')
 
 
 class Prepared(NamedTuple):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
-from jattn import _core, _prepare, _reference, _xla
+from jattn import _core, _flash, _prepare, _reference, _xla
 
 _STATIC = (
   'scale',
@@ -21,6 +22,7 @@ _STATIC = (
   'dropout_rate',
   'deterministic',
   'implementation',
+  'block_sizes',
 )
 
 
@@ -38,11 +40,27 @@ def _hashable_window(local_window_size):
   return local_window_size
 
 
+# cuDNN's fused attention (through jax.nn) takes half precision, no dropout,
+# segment ids or soft-cap, V == D and head dims up to 128 in multiples of 8.
+_CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def _cudnn_fits(p: _prepare.Prepared) -> bool:
+  head_dim = p.q.shape[-1]
+  return (
+    jax.default_backend() == 'gpu'
+    and not _xla.unsupported(p)
+    and jnp.dtype(p.q.dtype) in _CUDNN_DTYPES
+    and head_dim <= 128
+    and head_dim % 8 == 0
+  )
+
+
 def choose_implementation(p: _prepare.Prepared, implementation):
-  """The auto rule: XLA's fused path when it takes the arguments, else reference."""
+  """The auto rule: cuDNN on a GPU when the arguments fit it, else flash."""
   if implementation is not None:
     return implementation
-  return 'reference' if _xla.unsupported(p) else 'xla'
+  return 'cudnn' if _cudnn_fits(p) else 'flash'
 
 
 def dot_product_attention(
@@ -64,6 +82,7 @@ def dot_product_attention(
   dropout_rng=None,
   deterministic: bool | None = None,
   implementation: str | None = None,
+  block_sizes: tuple[int, int] | None = None,
 ):
   """Scaled dot-product attention, a drop-in for ``jax.nn.dot_product_attention``.
 
@@ -91,9 +110,13 @@ def dot_product_attention(
       ``deterministic=True``) no dropout is applied.
     deterministic: None: dropout iff a key is given. False with a rate > 0
       and no key is an error.
-    implementation: None (auto: ``'xla'`` when ``jax.nn`` takes the
-      arguments, else ``'reference'``), ``'reference'`` (single-head function
+    implementation: None (auto: ``'cudnn'`` on a GPU for fp16/bf16 inputs
+      without dropout, segment ids or soft-cap, with V == D <= 128, a
+      multiple of 8; else ``'flash'``), ``'flash'`` (blockwise, O(T + S)
+      memory, custom VJP), ``'reference'`` (the plain single-head function
       vmapped over heads), ``'xla'`` or ``'cudnn'`` (``jax.nn``).
+    block_sizes: flash's (query, key) block sizes; default by backend
+      (512 x 256 on CPU), shrunk to short sequences.
 
   Returns:
     ``[B..., T, H, V]`` in the query's dtype. A query row with nothing to
@@ -118,6 +141,7 @@ def dot_product_attention(
     dropout_rate=dropout_rate,
     deterministic=deterministic,
     implementation=implementation,
+    block_sizes=None if block_sizes is None else tuple(block_sizes),
   )
 
 
@@ -129,7 +153,9 @@ def _prepare_call(query, key, value, bias, mask, dynamic, static):
     bias,
     mask,
     **dynamic,
-    opts_kwargs={k: v for k, v in static.items() if k != 'implementation'},
+    opts_kwargs={
+      k: v for k, v in static.items() if k not in ('implementation', 'block_sizes')
+    },
   )
 
 
@@ -140,6 +166,8 @@ def _attention_jit(query, key, value, bias, mask, **kwargs):
   implementation = choose_implementation(p, static['implementation'])
   if implementation in ('xla', 'cudnn'):
     out = _xla.attention(p, implementation)
+  elif implementation == 'flash':
+    out = _flash.attention(p, static['block_sizes'])
   else:
     head_fn = functools.partial(_reference.head_attention, p.opts)
     out = _core.map_heads(
@@ -196,6 +224,7 @@ def attention_weights(
     dropout_rate=dropout_rate,
     deterministic=deterministic,
     implementation=None,
+    block_sizes=None,
   )
 
 

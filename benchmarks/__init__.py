@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks: jattn against its peers, measured in one run."""

@@ -1,0 +1,188 @@
+"""Sharding across devices: mesh axis names, PartitionSpecs, placement, ring.
+
+jattn owns three mesh axes, named here and nowhere else:
+
+- ``DATA`` ('data'): the batch B;
+- ``MODEL`` ('model'): attention heads H (and KV heads K when they divide);
+- ``SEQ`` ('seq'): the sequence, for ring attention (``ring_attention``).
+
+A mesh may have any subset of them; specs name only the axes the mesh has.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA, MODEL, SEQ = 'data', 'model', 'seq'
+AXES = (DATA, MODEL, SEQ)
+
+
+def make_mesh(
+  shape: Mapping[str, int] | Sequence[int],
+  axis_names: Sequence[str] | None = None,
+  *,
+  devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+  """A mesh of ``shape`` over ``devices`` (default: all devices).
+
+  ``make_mesh({'data': 2, 'model': 4})`` or ``make_mesh((2, 4), ('data',
+  'model'))``. A size of -1 takes the devices left over. Raises ValueError
+  when the sizes do not multiply to the device count.
+  """
+  if isinstance(shape, Mapping):
+    axis_names, sizes = tuple(shape), list(shape.values())
+  else:
+    sizes = list(shape)
+    axis_names = tuple(axis_names or AXES[: len(sizes)])
+  if len(axis_names) != len(sizes):
+    raise ValueError(
+      f'`axis_names` {axis_names} and `shape` {tuple(sizes)} differ in length.'
+    )
+  unknown = [name for name in axis_names if name not in AXES]
+  if unknown:
+    raise ValueError(f'mesh axes must be among {AXES}; got {unknown}.')
+  devices = list(jax.devices() if devices is None else devices)
+  if sizes.count(-1) > 1:
+    raise ValueError(f'at most one mesh size may be -1; got {tuple(sizes)}.')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if known <= 0 or len(devices) % known:
+      raise ValueError(
+        f'mesh {dict(zip(axis_names, sizes, strict=True))} does not divide '
+        f'{len(devices)} devices.'
+      )
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices) or min(sizes) <= 0:
+    raise ValueError(
+      f'mesh {dict(zip(axis_names, sizes, strict=True))} needs '
+      f'{math.prod(sizes)} devices; {len(devices)} are available. Pass '
+      '`devices=` or change the shape.'
+    )
+  return Mesh(np.asarray(devices).reshape(sizes), tuple(axis_names))
+
+
+def _axis(mesh: Mesh, name: str, dim: int | None = None) -> str | None:
+  """``name`` if the mesh has it (and it divides ``dim``), else None."""
+  if name not in mesh.shape or mesh.shape[name] == 1:
+    return None
+  if dim is not None and dim % mesh.shape[name]:
+    return None
+  return name
+
+
+def param_specs(params, mesh: Mesh):
+  """PartitionSpecs for the multi-head parameter pytree: heads over ``model``.
+
+  Query and out projections split H; key and value split K when the model
+  axis divides it (GQA with few KV heads stays replicated).
+  """
+  heads = params['query']['kernel'].shape[1]
+  kv_heads = params['key']['kernel'].shape[1]
+  h = _axis(mesh, MODEL, heads)
+  k = _axis(mesh, MODEL, kv_heads) if h else None
+  head_axis = {'query': h, 'key': k, 'value': k, 'out': h}
+  specs = {}
+  for name, projection in params.items():
+    axis = head_axis[name]
+    specs[name] = {
+      'kernel': P(axis, None, None) if name == 'out' else P(None, axis, None)
+    }
+    if 'bias' in projection:
+      specs[name]['bias'] = P(None) if name == 'out' else P(axis, None)
+  return specs
+
+
+def activation_spec(mesh: Mesh, *, heads: bool = True) -> P:
+  """``[B, T, H, D]`` over (data, seq, model); ``heads=False``: ``[B, T, E]``."""
+  batch, seq = _axis(mesh, DATA), _axis(mesh, SEQ)
+  if heads:
+    return P(batch, seq, _axis(mesh, MODEL), None)
+  return P(batch, seq, None)
+
+
+def shard_params(params, mesh: Mesh):
+  """``params`` placed on ``mesh`` by ``param_specs``."""
+  specs = param_specs(params, mesh)
+  return jax.tree.map(
+    lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), params, specs
+  )
+
+
+def shard_batch(x, mesh: Mesh, *, heads: bool = False):
+  """An activation placed on ``mesh``: ``[B, T, E]`` (or ``[B, T, H, D]``)."""
+  spec = activation_spec(mesh, heads=heads)
+  spec = P(*spec[: x.ndim]) if x.ndim < len(spec) else spec
+  return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def ring_attention(
+  query,
+  key,
+  value,
+  *,
+  mesh: Mesh,
+  seq_axis: str = SEQ,
+  is_causal: bool = False,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  q_segment_ids=None,
+  kv_segment_ids=None,
+  local_window_size=None,
+  scale: float | None = None,
+  logits_soft_cap: float | None = None,
+  dropout_rate: float = 0.0,
+  dropout_rng=None,
+  deterministic: bool | None = None,
+  block_sizes: tuple[int, int] | None = None,
+):
+  """Sequence-parallel attention: T and S sharded over ``mesh[seq_axis]``.
+
+  Same arguments and result as ``jattn.dot_product_attention`` (no dense
+  ``mask``/``bias``). Batch and heads are also split over the mesh's ``data``
+  and ``model`` axes when it has them and they divide B and both H and K.
+  Causal attention runs in zig-zag order so every device does equal work.
+  Any T and S work (padded inside to a multiple of the ring size; 2x for
+  causal).
+  """
+  from jattn import _prepare, _ring
+
+  if seq_axis not in mesh.shape:
+    raise ValueError(
+      f'`mesh` has no axis {seq_axis!r} for the sequence; its axes are '
+      f'{tuple(mesh.shape)}.'
+    )
+  p = _prepare.prepare(
+    query,
+    key,
+    value,
+    None,
+    None,
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    q_segment_ids=q_segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    dropout_rng=dropout_rng,
+    opts_kwargs=dict(
+      scale=scale,
+      is_causal=is_causal,
+      local_window_size=local_window_size,
+      logits_soft_cap=logits_soft_cap,
+      dropout_rate=dropout_rate,
+      deterministic=deterministic,
+    ),
+  )
+  out = _ring.attention(
+    p,
+    mesh,
+    seq_axis=seq_axis,
+    data_axis=DATA,
+    model_axis=MODEL,
+    requested_blocks=block_sizes,
+  )
+  return out.reshape(p.batch_shape + out.shape[1:])

@@ -1,0 +1,199 @@
+"""Flash attention against the reference: every feature, values and gradients."""
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jattn
+from jattn import testing
+from tests import helpers
+
+B, T, S, H = 2, 37, 45, 4  # odd lengths: not multiples of any block size
+BLOCKS = (8, 16)
+
+FEATURES = {
+  'plain': {},
+  'causal': {'is_causal': True},
+  'window': {'local_window_size': (5, 3)},
+  'causal_window': {'is_causal': True, 'local_window_size': (9, 0)},
+  'lengths': {
+    'query_seq_lengths': jnp.array([37, 20]),
+    'key_value_seq_lengths': jnp.array([40, 3]),
+  },
+  'segments': {
+    'q_segment_ids': jnp.repeat(jnp.arange(4)[None], 2, 0).repeat(10, 1)[:, :T],
+    'kv_segment_ids': jnp.repeat(jnp.arange(5)[None], 2, 0).repeat(9, 1)[:, :S],
+  },
+  'soft_cap': {'logits_soft_cap': 2.0},
+  'dropout': {'dropout_rate': 0.3, 'dropout_rng': jax.random.key(7)},
+  'mask': {'mask': helpers.random_mask(1, (B, 1, T, S))},
+  'mask_per_head': {'mask': helpers.random_mask(2, (B, H, T, S))},
+  'key_mask': {'mask': helpers.random_mask(3, (B, 1, 1, S))},
+  'bias': {'bias': (1, H, T, S)},
+  'bias_per_batch_key': {'bias': (B, 1, 1, S)},
+  'everything': {
+    'is_causal': True,
+    'local_window_size': 12,
+    'key_value_seq_lengths': jnp.array([45, 30]),
+    'logits_soft_cap': 5.0,
+    'dropout_rate': 0.2,
+    'dropout_rng': jax.random.key(8),
+    'mask': helpers.random_mask(4, (B, 1, T, S)),
+    'bias': (B, H, T, S),
+  },
+}
+
+
+def check(kwargs, *, dtype=jnp.float32, kv_heads=2, blocks=BLOCKS, **shape):
+  kwargs = dict(kwargs)
+  bias_shape = kwargs.pop('bias', None)
+  mask = kwargs.pop('mask', None)
+  shape = {'batch': (B,), 'q_len': T, 'kv_len': S, 'heads': H, **shape}
+  q, k, v = helpers.qkv(0, kv_heads=kv_heads, dtype=dtype, **shape)
+  bias = None
+  if bias_shape is not None:
+    bias = jax.random.normal(jax.random.key(5), bias_shape, dtype)
+  testing.assert_implementations_agree(
+    q,
+    k,
+    v,
+    bias,
+    mask,
+    implementations=('reference', 'flash'),
+    block_sizes=blocks,
+    **kwargs,
+  )
+
+
+@pytest.mark.parametrize('feature', sorted(FEATURES))
+def test_feature_matches_reference(feature):
+  check(FEATURES[feature])
+
+
+@pytest.mark.parametrize('dtype', helpers.DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize('kv_heads', [4, 2, 1])
+def test_dtypes_and_head_groups(dtype, kv_heads):
+  check(FEATURES['everything'], dtype=dtype, kv_heads=kv_heads)
+
+
+@pytest.mark.parametrize('blocks', [(8, 8), (16, 8), (64, 64), None])
+def test_block_sizes(blocks):
+  check(FEATURES['causal'], blocks=blocks)
+
+
+def test_more_queries_than_keys_and_value_dim():
+  check({'is_causal': True, 'local_window_size': (3, 2)}, q_len=29, kv_len=11)
+  q, k, v = helpers.qkv(0, value_dim=5)
+  testing.assert_implementations_agree(
+    q, k, v, implementations=('reference', 'flash'), block_sizes=(8, 8)
+  )
+
+
+def test_default_implementation_is_flash_on_cpu():
+  q, k, v = helpers.qkv(0)
+  p = jattn._prepare.prepare(
+    q,
+    k,
+    v,
+    None,
+    None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    dropout_rng=None,
+    opts_kwargs=dict(
+      scale=None,
+      is_causal=False,
+      local_window_size=None,
+      logits_soft_cap=None,
+      dropout_rate=0.0,
+      deterministic=None,
+    ),
+  )
+  assert jattn.attention.choose_implementation(p, None) == 'flash'
+
+
+@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.given(
+  q_len=st.integers(1, 40),
+  kv_len=st.integers(1, 40),
+  kv_heads=st.sampled_from([1, 2]),
+  block_q=st.sampled_from([8, 16, 32]),
+  block_k=st.sampled_from([8, 16, 32]),
+  causal=st.booleans(),
+  window=st.one_of(st.none(), st.tuples(st.integers(0, 9), st.integers(0, 9))),
+  mask_seed=st.one_of(st.none(), st.integers(0, 100)),
+)
+def test_property_random_shapes(
+  q_len, kv_len, kv_heads, block_q, block_k, causal, window, mask_seed
+):
+  q, k, v = helpers.qkv(
+    1, batch=(1,), q_len=q_len, kv_len=kv_len, heads=2, kv_heads=kv_heads
+  )
+  mask = None
+  if mask_seed is not None:
+    mask = helpers.random_mask(mask_seed, (1, 1, q_len, kv_len), p=0.6)
+  testing.assert_implementations_agree(
+    q,
+    k,
+    v,
+    None,
+    mask,
+    implementations=('reference', 'flash'),
+    block_sizes=(block_q, block_k),
+    is_causal=causal,
+    local_window_size=window,
+  )
+
+
+@pytest.mark.parametrize('dtype', helpers.DTYPES, ids=lambda d: d.__name__)
+def test_empty_rows_and_extreme_logits(dtype):
+  q, k, v = helpers.qkv(0, q_len=20, kv_len=24, dtype=dtype)
+  q, k = (q * 100).astype(dtype), (k * 100).astype(dtype)
+  mask = jnp.ones((20, 1), bool).at[3].set(False)
+  fn = lambda q, k, v: jattn.dot_product_attention(
+    q, k, v, mask=mask, scale=1.0, implementation='flash', block_sizes=(8, 8)
+  )
+  out = fn(q, k, v)
+  grads = jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(
+    q, k, v
+  )
+  assert not bool(jnp.any(out[:, 3] != 0))
+  for x in (out, *grads):
+    assert bool(jnp.isfinite(x.astype(jnp.float32)).all())
+
+
+def flash_grad_temp_bytes(t, **kwargs):
+  spec = jax.ShapeDtypeStruct((1, t, 2, 32), jnp.float32)
+  loss = lambda q, k, v: jattn.dot_product_attention(q, k, v, **kwargs).sum()
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return grad.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_temp_memory_grows_linearly():
+  small, large = flash_grad_temp_bytes(4096), flash_grad_temp_bytes(8192)
+  assert large <= 2.2 * small, (small, large)
+
+
+def test_no_t_by_s_buffer():
+  # Forward + backward at T = S = 4096: a [T, S] float32 buffer is 64 MiB.
+  t = 4096
+  q, k, v = helpers.qkv(
+    0, batch=(1,), q_len=t, kv_len=t, heads=2, kv_heads=2, head_dim=32
+  )
+
+  def loss(impl):
+    return lambda q, k, v: jattn.dot_product_attention(
+      q, k, v, is_causal=True, implementation=impl
+    ).sum()
+
+  def temp_bytes(impl):
+    grad = jax.jit(jax.grad(loss(impl), argnums=(0, 1, 2)))
+    return grad.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+  flash = temp_bytes('flash')
+  assert flash < t * t * 4 / 4, flash
+  assert temp_bytes('xla') > t * t * 4  # the peer does hold [H, T, S]
