@@ -4,9 +4,11 @@ Public API: ``dot_product_attention`` and ``attention_weights`` (the core),
 ``init_params`` and ``multi_head_attention`` (multi-head functions over a
 parameter pytree), the mask helpers, ``flax_attention_fn`` (an
 ``attention_fn`` for Flax's modules); submodules ``jattn.nnx`` and
-``jattn.linen`` (Flax wrappers) and ``jattn.testing`` (equivalence helpers).
+``jattn.linen`` (Flax wrappers), ``jattn.sharding`` (meshes, specs, ring
+attention) and ``jattn.testing`` (equivalence helpers).
 """
 
+from jattn import linen, nnx, sharding, testing
 from jattn.attention import attention_weights, dot_product_attention
 from jattn.flax_compat import flax_attention_fn
 from jattn.masks import (
@@ -27,9 +29,13 @@ __all__ = [
   'dot_product_attention',
   'flax_attention_fn',
   'init_params',
+  'linen',
   'local_window_mask',
   'multi_head_attention',
+  'nnx',
   'padding_mask',
   'param_shapes',
   'segment_mask',
+  'sharding',
+  'testing',
 ]
