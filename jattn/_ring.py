@@ -50,6 +50,13 @@ class _Layout:
       return [device * chunk_len]
     return [device * chunk_len, (2 * self.n - 1 - device) * chunk_len]
 
+  def pair(self, q, k, v, ctx, kv_seg, a: int, b: int):
+    """``map_heads`` arguments for query chunk ``a`` against key chunk ``b``."""
+    q_part = lambda x: _chunk(x, 1, a, self.q_chunk)
+    kv_part = lambda x: _chunk(x, 1, b, self.kv_chunk)
+    ctx = ctx._replace(q_seg=q_part(ctx.q_seg), kv_seg=kv_part(kv_seg))
+    return q_part(q), kv_part(k), kv_part(v), None, None, ctx
+
   def rotate(self, tree):
     """Send to the next device on the ring."""
     perm = [(i, (i + 1) % self.n) for i in range(self.n)]
@@ -83,17 +90,7 @@ def _local_forward(opts, blocks, layout_args, q, k, v, ctx):
           _flash.head_forward, opts, blocks, q_offset=q_off, kv_offset=kv_off
         )
         part = _core.map_heads(
-          head,
-          _chunk(q, 1, a, layout.q_chunk),
-          _chunk(k, 1, b, layout.kv_chunk),
-          _chunk(v, 1, b, layout.kv_chunk),
-          None,
-          None,
-          ctx._replace(
-            q_seg=_chunk(ctx.q_seg, 1, a, layout.q_chunk),
-            kv_seg=_chunk(kv_seg, 1, b, layout.kv_chunk),
-          ),
-          out_axis=0,
+          head, *layout.pair(q, k, v, ctx, kv_seg, a, b), out_axis=0
         )
         acc = _combine(acc, part)
       new_accs.append(acc)
@@ -133,15 +130,7 @@ def _local_backward(opts, blocks, layout_args, q, k, v, ctx, out, lse, d_out):
         )
         dq_ab, dk_ab, dv_ab, _ = _core.map_heads(
           head,
-          _chunk(q, 1, a, layout.q_chunk),
-          _chunk(k, 1, b, layout.kv_chunk),
-          _chunk(v, 1, b, layout.kv_chunk),
-          None,
-          None,
-          ctx._replace(
-            q_seg=_chunk(ctx.q_seg, 1, a, layout.q_chunk),
-            kv_seg=_chunk(kv_seg, 1, b, layout.kv_chunk),
-          ),
+          *layout.pair(q, k, v, ctx, kv_seg, a, b),
           out_axis=0,
           per_head=(q_part(out, a), q_part(lse, a), q_part(d_out, a)),
         )
