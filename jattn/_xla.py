@@ -55,7 +55,7 @@ def attention(p: _prepare.Prepared, implementation: str):
     raise ValueError(
       f'implementation={implementation!r} (jax.nn.dot_product_attention) '
       f'does not support: {", ".join(reasons)}. Use implementation='
-      "'reference' or None."
+      "'flash', 'reference' or None."
     )
   as_int32 = lambda x: None if x is None else x.astype(jnp.int32)
   bias = None if p.bias is None else p.bias.astype(jnp.float32)
