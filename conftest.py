@@ -1,4 +1,5 @@
-"""A strict JAX for every test: 8 CPU devices, no implicit rank or dtype promotion."""
+"""A strict JAX for every test (tests/ and the examples): 8 CPU devices, no
+implicit rank or dtype promotion."""
 
 import os
 

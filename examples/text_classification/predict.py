@@ -1,0 +1,60 @@
+"""Predictions from a trained run: its config, vocabulary, labels and checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+import config as config_lib
+import data
+import train
+from checkpoints import Checkpoints
+
+
+def load(workdir: str):
+  """(task, params, tokenizer, label names, config) of the run in ``workdir``:
+  the best validation checkpoint, else the latest."""
+  paths = {
+    name: os.path.join(workdir, name)
+    for name in ('config.json', 'vocab.json', 'labels.json')
+  }
+  for path in paths.values():
+    if not os.path.exists(path):
+      raise SystemExit(
+        f'{path} is missing: is {workdir} the --workdir of a training run?'
+      )
+  with open(paths['config.json']) as file:
+    config = config_lib.Config(**json.load(file))
+  tokenizer = data.Tokenizer.load(paths['vocab.json'])
+  with open(paths['labels.json']) as file:
+    names = json.load(file)
+  task, state = train.create(config, tokenizer.size, len(names))
+  checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+  restored = checkpoints.restore(state, best=True) or checkpoints.restore(state)
+  checkpoints.close()
+  if restored is None:
+    raise SystemExit(f'no checkpoint in {workdir}: train first.')
+  return task, restored['params'], tokenizer, names, config
+
+
+def predict(workdir: str, texts: list[str]) -> list[dict[str, float]]:
+  """Per text, each label's probability."""
+  task, params, tokenizer, names, config = load(workdir)
+  results = []
+  for text in texts:
+    ids = tokenizer.encode(text, config.max_length)
+    probabilities = train.predict_step(
+      task, params, jnp.asarray(ids)[None], jnp.asarray([len(ids)])
+    )
+    results.append(dict(zip(names, np.asarray(probabilities[0]).tolist(), strict=True)))
+  return results
+
+
+def print_predictions(workdir: str, texts: list[str]) -> None:
+  for text, probabilities in zip(texts, predict(workdir, texts), strict=True):
+    ranked = sorted(probabilities.items(), key=lambda item: -item[1])
+    print(f'{text!r} -> {ranked[0][0]}')
+    print('  ' + ', '.join(f'{name}: {p:.3f}' for name, p in ranked[:10]))

@@ -1,0 +1,242 @@
+"""The training loop end to end: a tiny run, kill-and-resume, sharded steps,
+damaged checkpoints, non-finite loss, flags."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import main
+import numpy as np
+import pytest
+
+import config as config_lib
+import predict
+import train
+from checkpoints import Checkpoints
+
+MAIN = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'main.py'
+)
+
+# A model and data small enough that a run takes seconds; one bucket, one shape.
+TINY = [
+  '--train_size', '512', '--val_size', '64', '--test_size', '64',
+  '--listops_min_length', '8', '--listops_max_length', '24',
+  '--bucket_width', '32', '--max_length', '32',
+  '--num_layers', '1', '--embed_dim', '32', '--num_heads', '2', '--mlp_dim', '32',
+  '--batch_size', '32', '--eval_batch_size', '64',
+  '--learning_rate', '3e-3', '--warmup_steps', '5', '--log_every', '5',
+  '--no-progress',
+]  # fmt: skip
+
+
+def run_main(workdir, *flags):
+  return subprocess.run(
+    [sys.executable, MAIN, *TINY, '--workdir', str(workdir), *flags],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as file:
+    records = [json.loads(line) for line in file]
+  for record in records:
+    record.pop('tokens_per_second', None)  # wall-clock, not a result
+    record.pop('seconds', None)
+  return records
+
+
+def read_json(path):
+  with open(path) as file:
+    return json.load(file)
+
+
+def final_params(workdir):
+  config = config_lib.Config(**read_json(os.path.join(workdir, 'config.json')))
+  _, state = train.create(config, 18, 10)
+  checkpoints = Checkpoints(str(workdir), 3)
+  restored = checkpoints.restore(state)
+  checkpoints.close()
+  return restored
+
+
+def test_tiny_run_trains_checkpoints_plots_and_predicts(tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  main.main(
+    [*TINY, '--workdir', str(workdir), '--num_steps', '60', '--eval_every', '30']
+  )
+  records = read_metrics(workdir)
+  train_losses = [r['loss'] for r in records if r['split'] == 'train']
+  assert train_losses[-1] < train_losses[0] - 0.2
+  assert [r['step'] for r in records if r['split'] == 'validation'] == [30, 60]
+  assert os.listdir(workdir / 'checkpoints') and os.listdir(workdir / 'best')
+  for name in (
+    'curves.png',
+    'attention.png',
+    'summary.json',
+    'vocab.json',
+    'labels.json',
+  ):
+    assert (workdir / name).stat().st_size > 0, name
+  summary = read_json(workdir / 'summary.json')
+  assert summary['test_accuracy'] > summary['majority_class_test_accuracy'] - 0.1
+  assert 'test accuracy' in capsys.readouterr().out
+
+  probabilities = predict.predict(
+    str(workdir), ['[MAX 2 9 [MIN 4 7 ] 0 ]', '[SM 1 1 ]']
+  )
+  assert len(probabilities) == 2 and set(probabilities[0]) == {
+    str(i) for i in range(10)
+  }
+  assert all(abs(sum(p.values()) - 1.0) < 1e-4 for p in probabilities)
+  main.main(['--workdir', str(workdir), '--predict', '[MAX 2 9 ]'])
+  assert "'[MAX 2 9 ]' ->" in capsys.readouterr().out
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
+  flags = ['--num_steps', '300', '--eval_every', '50', '--checkpoint_every', '10']
+  whole = run_main(tmp_path / 'whole', *flags)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+
+  workdir = tmp_path / 'cut'
+  process = subprocess.Popen(
+    [sys.executable, MAIN, *TINY, '--workdir', str(workdir), *flags],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.monotonic() + 240
+  while not (workdir / 'checkpoints' / '10').exists() and process.poll() is None:
+    assert time.monotonic() < deadline, 'no checkpoint appeared'
+    time.sleep(0.02)
+  process.send_signal(signal.SIGTERM)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+  assert 'checkpoint saved' in out
+  stopped_at = max(int(step) for step in os.listdir(workdir / 'checkpoints'))
+  assert 10 <= stopped_at < 300
+
+  resumed = run_main(workdir, *flags)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'resuming at step {stopped_at}' in resumed.stdout
+  assert read_metrics(workdir) == read_metrics(tmp_path / 'whole')
+  expected, got = final_params(tmp_path / 'whole'), final_params(workdir)
+  assert int(got['step']) == 300
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+  checkpoints = Checkpoints(str(tmp_path), keep=3)
+  for step in (1, 2):
+    checkpoints.save({'step': jnp.asarray(step), 'w': jnp.full((4,), float(step))})
+  for root, _, names in os.walk(tmp_path / 'checkpoints' / '2'):
+    for name in names:
+      with open(os.path.join(root, name), 'wb') as file:
+        file.write(b'\0garbage')
+  target = {'step': jnp.asarray(0), 'w': jnp.zeros((4,))}
+  restored = checkpoints.restore(target)
+  assert int(restored['step']) == 1 and float(restored['w'][0]) == 1.0
+  assert 'checkpoints/2 is damaged' in capsys.readouterr().err
+  checkpoints.close()
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
+  flags = [*TINY, '--workdir', str(tmp_path), '--checkpoint_every', '5']
+  main.main([*flags, '--num_steps', '10', '--eval_every', '10'])
+  with pytest.raises(SystemExit, match=r'not finite at step 1\d.*\(step 10\)'):
+    main.main([*flags, '--num_steps', '40', '--learning_rate', '1e30'])
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '5']
+  state = final_params(tmp_path)
+  assert int(state['step']) == 10
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+
+
+def test_data_parallel_step_equals_single_device_step():
+  assert jax.device_count() == 8
+  config = config_lib.Config(
+    num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, batch_size=16, model_axis=2
+  )
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 24, 16).astype(np.int32)
+  batch = {
+    'tokens': np.where(
+      np.arange(24) < lengths[:, None], rng.integers(3, 18, (16, 24)), 0
+    ),
+    'lengths': lengths,
+    'labels': rng.integers(0, 10, 16).astype(np.int32),
+    'weights': np.ones(16, np.float32),
+  }
+  batch['tokens'] = batch['tokens'].astype(np.int32)
+  results = []
+  for devices, model_axis in (
+    (jax.devices()[:1], 1),
+    (jax.devices(), 1),
+    (jax.devices(), 2),
+  ):
+    config.model_axis = model_axis
+    task, state = train.create(config, 18, 10)
+    shardings, batch_sharding, train_fn, _ = train.jit_steps(
+      task, state, train.make_mesh(config, devices)
+    )
+    state = jax.device_put(state, shardings)
+    for step in range(2):
+      state, metrics = train_fn(
+        state, jax.device_put(batch, batch_sharding), jax.random.key(step)
+      )
+    if model_axis == 2:  # heads and MLP hidden units really are split
+      kernel = state['params']['blocks'][0]['mlp_in']['kernel']
+      assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'model')
+    results.append((jax.device_get(state), jax.device_get(metrics)))
+  for state, metrics in results[1:]:
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+      state,
+      results[0][0],
+    )
+    np.testing.assert_allclose(
+      metrics['loss_sum'], results[0][1]['loss_sum'], rtol=1e-5
+    )
+
+
+def test_help_lists_every_flag_with_its_default(capsys):
+  with pytest.raises(SystemExit):
+    main.parse(['--help'])
+  text = capsys.readouterr().out
+  for field in config_lib.Config.__dataclass_fields__.values():
+    assert f'--{field.name}' in text
+  assert 'default: 20000' in text and '--predict' in text and 'lra_listops' in text
+
+
+def test_presets_and_flags_combine():
+  config, _ = main.parse(['--preset', 'lra_listops', '--num_layers', '2'])
+  assert (config.num_layers, config.embed_dim, config.listops_max_length) == (
+    2,
+    512,
+    2000,
+  )
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+  config = config_lib.Config(workdir=str(tmp_path))
+  with open(tmp_path / 'config.json', 'w') as file:
+    json.dump({**config.__dict__, 'embed_dim': 32}, file)
+  with pytest.raises(SystemExit, match='--embed_dim 32 -> 64'):
+    train.train_and_evaluate(config)
+
+
+def test_bad_flags_name_the_flag():
+  with pytest.raises(
+    ValueError, match='--embed_dim 30 must be a multiple of --num_heads'
+  ):
+    config_lib.validate(config_lib.Config(embed_dim=30, num_heads=4))
+  with pytest.raises(ValueError, match='--pooling'):
+    config_lib.validate(config_lib.Config(pooling='max'))
+  with pytest.raises(ValueError, match='--batch_size 12 must be a multiple of the 8'):
+    train.make_mesh(config_lib.Config(batch_size=12))
