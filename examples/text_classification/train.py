@@ -238,8 +238,11 @@ class MetricsLog:
     if os.path.exists(path):
       with open(path) as file:
         self.records = [json.loads(line) for line in file if line.strip()]
-    # Drop what a killed run logged after its last checkpoint: it is redone.
-    self.records = [r for r in self.records if r['step'] <= resume_step]
+    # Drop what a killed run logged after its last checkpoint (it is redone)
+    # and any test result (written again at the end).
+    self.records = [
+      r for r in self.records if r['step'] <= resume_step and r['split'] != 'test'
+    ]
     with open(path, 'w') as file:
       file.writelines(json.dumps(r) + '\n' for r in self.records)
 
