@@ -299,6 +299,25 @@ class Tokenizer:
     return cls(saved['kind'], saved['vocabulary'])
 
 
+VOCABULARY_FILE, LABELS_FILE = 'vocab.json', 'labels.json'
+
+
+def save_vocabulary(workdir: str, tokenizer: Tokenizer, names: Sequence[str]) -> None:
+  """The tokenizer and label names, beside the run's checkpoints."""
+  tokenizer.save(os.path.join(workdir, VOCABULARY_FILE))
+  with open(os.path.join(workdir, LABELS_FILE), 'w') as file:
+    json.dump(list(names), file)
+
+
+def load_vocabulary(workdir: str) -> tuple[Tokenizer, list[str]] | None:
+  """(tokenizer, label names) saved in ``workdir``, or None if it has none."""
+  paths = [os.path.join(workdir, name) for name in (VOCABULARY_FILE, LABELS_FILE)]
+  if not all(os.path.exists(path) for path in paths):
+    return None
+  with open(paths[1]) as file:
+    return Tokenizer.load(paths[0]), json.load(file)
+
+
 # ---------------------------------------------------------------- batches
 
 

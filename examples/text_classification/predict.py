@@ -17,20 +17,16 @@ from checkpoints import Checkpoints
 def load(workdir: str):
   """(task, params, tokenizer, label names, config) of the run in ``workdir``:
   the best validation checkpoint, else the latest."""
-  paths = {
-    name: os.path.join(workdir, name)
-    for name in ('config.json', 'vocab.json', 'labels.json')
-  }
-  for path in paths.values():
-    if not os.path.exists(path):
-      raise SystemExit(
-        f'{path} is missing: is {workdir} the --workdir of a training run?'
-      )
-  with open(paths['config.json']) as file:
+  config_path = os.path.join(workdir, 'config.json')
+  saved = data.load_vocabulary(workdir)
+  if not os.path.exists(config_path) or saved is None:
+    raise SystemExit(
+      f'{workdir} lacks config.json, {data.VOCABULARY_FILE} or '
+      f'{data.LABELS_FILE}: is it the --workdir of a training run?'
+    )
+  with open(config_path) as file:
     config = config_lib.Config(**json.load(file))
-  tokenizer = data.Tokenizer.load(paths['vocab.json'])
-  with open(paths['labels.json']) as file:
-    names = json.load(file)
+  tokenizer, names = saved
   task, state = train.create(config, tokenizer.size, len(names))
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
   restored = checkpoints.restore(state, best=True) or checkpoints.restore(state)

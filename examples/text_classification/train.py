@@ -320,12 +320,9 @@ def prepare_data(config):
   """(tokenizer, label names, encoded splits); the vocabulary and labels are
   saved in (or, on resume, read from) the workdir."""
   splits = data.load_splits(config)
-  vocab_path = os.path.join(config.workdir, 'vocab.json')
-  labels_path = os.path.join(config.workdir, 'labels.json')
-  if os.path.exists(vocab_path) and os.path.exists(labels_path):
-    tokenizer = data.Tokenizer.load(vocab_path)
-    with open(labels_path) as file:
-      names = json.load(file)
+  saved = data.load_vocabulary(config.workdir)
+  if saved is not None:
+    tokenizer, names = saved
   else:
     tokenizer = data.Tokenizer.build(
       config.tokenizer,
@@ -334,9 +331,7 @@ def prepare_data(config):
       max_size=config.vocab_size,
     )
     names = data.label_names(splits['train'])
-    tokenizer.save(vocab_path)
-    with open(labels_path, 'w') as file:
-      json.dump(names, file)
+    data.save_vocabulary(config.workdir, tokenizer, names)
   encoded = {
     name: data.encode(examples, tokenizer, names, config.max_length)
     for name, examples in splits.items()
