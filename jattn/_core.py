@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jattn import masks
 
@@ -86,28 +85,6 @@ def block_visible(opts: Options, ctx: Context, rows, cols, mask=None):
   if ctx.q_seg is not None:
     conditions.append(ctx.q_seg[:, None] == ctx.kv_seg[None, :])
   return masks.combine_masks(*conditions)
-
-
-def _fmix32(x):
-  """MurmurHash3's 32-bit finaliser: a cheap, well-mixed integer hash."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x85EBCA6B)
-  x = x ^ (x >> 13)
-  x = x * jnp.uint32(0xC2B2AE35)
-  return x ^ (x >> 16)
-
-
-def dropout_keep(seed, rows, cols, rate: float):
-  """``[t, s]`` keep mask, a pure function of (seed, row, col).
-
-  Any blocking of the same matrix regenerates the same mask, so a blockwise
-  forward and backward agree with each other and with the reference.
-  """
-  row_hash = _fmix32(seed + rows.astype(jnp.uint32) * jnp.uint32(0x9E3779B1))
-  col_code = cols.astype(jnp.uint32) * jnp.uint32(0x27D4EB2F)
-  bits = _fmix32(row_hash[:, None] ^ col_code[None, :])
-  threshold = np.uint32(min(round(rate * 2.0**32), 2**32 - 1))
-  return bits >= threshold
 
 
 def map_heads(

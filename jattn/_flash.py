@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jattn import _core, _prepare
+from jattn import _core, _numerics, _prepare
 
 # Default (query, key) block sizes by backend; measured on a 2-core CPU with
 # benchmarks/attention.py, where larger key blocks amortise loop overhead.
@@ -187,18 +187,18 @@ def _matmul(a, b, subscripts):
   return _core.matmul(subscripts, a, b)
 
 
-def _dropped(opts, ctx, rows, cols, p):
-  """(kept p scaled by 1/(1-rate), keep mask) or (p, None)."""
+def _keep(opts, ctx, rows, cols):
+  """The block's dropout keep mask, or None without dropout."""
   if opts.dropout_rate == 0.0:
-    return p, None
-  keep = _core.dropout_keep(ctx.seed, rows, cols, opts.dropout_rate)
-  return jnp.where(keep, p / (1.0 - opts.dropout_rate), 0.0), keep
+    return None
+  return _numerics.dropout_keep(ctx.seed, rows, cols, opts.dropout_rate)
 
 
 def head_forward(opts, blocks, q, k, v, bias, mask, ctx, q_offset=0, kv_offset=0):
-  """``q [T, D], k [S, D], v [S, V] -> (out [T, V], lse [T] float32)``.
+  """``q [T, D], k [S, D], v [S, V] -> (out [T, V], (m [T], l [T]))``.
 
-  ``lse`` is -inf for rows that see no key (their output is zero).
+  ``(m, l)`` are the rows' softmax statistics (``_numerics``); a row that
+  sees no key has ``l = 0`` and a zero output.
   """
   geo = _Geometry(opts, ctx, q.shape[0], k.shape[0], blocks, q_offset, kv_offset)
   bq, bk = geo.bq, geo.bk
@@ -225,45 +225,30 @@ def head_forward(opts, blocks, q, k, v, bias, mask, ctx, q_offset=0, kv_offset=0
         _slice_logits(mask, r0, c0, bq, bk),
         diagonal=diagonal,
       )
-      if vis is not None:
-        s = jnp.where(vis, s, -jnp.inf)
-      m_new = jnp.maximum(m, s.max(axis=-1))
-      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-      p = jnp.exp(s - m_safe[:, None])
-      correction = jnp.exp(m - m_safe)
-      total = total * correction + p.sum(axis=-1)
-      p, _ = _dropped(opts, block_ctx, rows, cols, p)
+      m, total, p, correction = _numerics.online_update(m, total, _numerics.hide(s, vis))
+      p = _numerics.dropout(p, _keep(opts, block_ctx, rows, cols), opts.dropout_rate)
       acc = acc * correction[:, None] + _matmul(p.astype(v.dtype), v_j, 'ts,sv->tv')
-      return m_new, total, acc
+      return m, total, acc
 
-    init = (
-      jnp.full((bq,), -jnp.inf, jnp.float32),
-      jnp.zeros((bq,), jnp.float32),
-      jnp.zeros((bq, v.shape[-1]), jnp.float32),
-    )
+    init = (*_numerics.initial_stats(bq), jnp.zeros((bq, v.shape[-1]), jnp.float32))
     lo, hi = geo.kv_blocks(i)
     mid = geo.kv_split(i, lo, hi)
     carry = lax.fori_loop(lo, mid, functools.partial(step, False), init)
     m, total, acc = lax.fori_loop(mid, hi, functools.partial(step, True), carry)
-    has_keys = total > 0
-    safe_total = jnp.where(has_keys, total, 1.0)
-    out = acc / safe_total[:, None]
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    lse = jnp.where(has_keys, m_safe + jnp.log(safe_total), -jnp.inf)
-    return out.astype(q.dtype), lse
+    return _numerics.normalize(acc, total).astype(q.dtype), (m, total)
 
-  out, lse = lax.map(query_block, jnp.arange(geo.nq))
+  out, stats = lax.map(query_block, jnp.arange(geo.nq))
   out = out.reshape(geo.tp, -1)[: geo.q_len]
-  return out, lse.reshape(geo.tp)[: geo.q_len]
+  return out, jax.tree.map(lambda x: x.reshape(geo.tp)[: geo.q_len], stats)
 
 
 def head_backward(
-  opts, blocks, q, k, v, bias, mask, ctx, out, lse, d_out, q_offset=0, kv_offset=0
+  opts, blocks, q, k, v, bias, mask, ctx, out, stats, d_out, q_offset=0, kv_offset=0
 ):
   """Gradients ``(dq [T,D], dk [S,D], dv [S,V], dbias [T|1,S|1] or None)``.
 
-  ``out`` and ``lse`` are the final forward results for these rows (over all
-  keys, when a ring splits the keys into chunks).
+  ``out`` and ``stats = (m [T], l [T])`` are the final forward results for
+  these rows (over all keys, when a ring splits the keys into chunks).
   """
   geo = _Geometry(opts, ctx, q.shape[0], k.shape[0], blocks, q_offset, kv_offset)
   bq, bk = geo.bq, geo.bk
@@ -272,8 +257,8 @@ def head_backward(
   q, k, v, bias, mask, ctx = geo.pad_inputs(q, k, v, bias, mask, ctx)
   d_out = _pad_to(d_out, 0, geo.tp)
   delta = _pad_to(delta, 0, geo.tp)
-  # Empty rows (lse -inf) and padded rows get lse = +inf: zero weights.
-  lse = _pad_to(jnp.where(lse == -jnp.inf, jnp.inf, lse), 0, geo.tp, jnp.inf)
+  # Padded rows get l = 0: zero weights, like rows that see no key.
+  m, l = (_pad_to(x, 0, geo.tp) for x in stats)
   # Transposed copies, made once, keep every block matmul in plain NN form.
   q_t, k_t, v_t, d_out_t = q.T, k.T, v.T, d_out.T
 
@@ -303,15 +288,13 @@ def head_backward(
         _slice_logits(mask, r0, c0, bq, bk),
         diagonal=diagonal,
       )
-      p = jnp.exp(s - lax.dynamic_slice_in_dim(lse, r0, bq)[:, None])
-      if vis is not None:
-        p = jnp.where(vis, p, 0.0)
-      p_used, keep = _dropped(opts, block_ctx, rows, cols, p)
+      row = lambda x: lax.dynamic_slice_in_dim(x, r0, bq)
+      p = _numerics.weights(_numerics.hide(s, vis), row(m), row(l))
+      keep = _keep(opts, block_ctx, rows, cols)
+      p_used = _numerics.dropout(p, keep, opts.dropout_rate)
       dv_t_j = dv_t_j + _matmul(do_t_i, p_used.astype(do_i.dtype), 'vt,ts->vs')
-      dp = _matmul(do_i, v_t_j, 'tv,vs->ts')
-      if keep is not None:
-        dp = jnp.where(keep, dp / (1.0 - opts.dropout_rate), 0.0)
-      ds = p * (dp - lax.dynamic_slice_in_dim(delta, r0, bq)[:, None])
+      dp = _numerics.dropout(_matmul(do_i, v_t_j, 'tv,vs->ts'), keep, opts.dropout_rate)
+      ds = p * (dp - row(delta)[:, None])
       if dbias is not None:
         db = ds.sum(axis=0, keepdims=True) if bias.shape[0] == 1 else ds
         db = db.sum(axis=1, keepdims=True) if bias.shape[1] == 1 else db
@@ -381,12 +364,14 @@ def _flash(opts, blocks, q, k, v, bias, mask, ctx):
 
 def _flash_forward(opts, blocks, q, k, v, bias, mask, ctx):
   head = functools.partial(head_forward, opts, blocks)
-  out, lse = _core.map_heads(head, q, k, v, bias, mask, ctx, out_axis=0)
-  return _heads_last(out), (q, k, v, bias, mask, ctx, out, lse)
+  out, stats = _core.map_heads(head, q, k, v, bias, mask, ctx, out_axis=0)
+  lse = _heads_last(_numerics.log_sum_exp(*stats)[..., None])[..., 0]
+  return (_heads_last(out), lse), (q, k, v, bias, mask, ctx, out, stats)
 
 
-def _flash_backward(opts, blocks, residuals, d_out):
-  q, k, v, bias, mask, ctx, out, lse = residuals
+def _flash_backward(opts, blocks, residuals, cotangents):
+  d_out, _ = cotangents  # the log-sum-exp is returned without a gradient
+  q, k, v, bias, mask, ctx, out, stats = residuals
   num_kv = k.shape[2]
   head = functools.partial(head_backward, opts, blocks)
   dq, dk, dv, dbias = _core.map_heads(
@@ -398,7 +383,7 @@ def _flash_backward(opts, blocks, residuals, d_out):
     mask,
     ctx,
     out_axis=0,
-    per_head=(out, lse, _heads_grouped(d_out, num_kv)),
+    per_head=(out, stats, _heads_grouped(d_out, num_kv)),
   )
   dk = jnp.moveaxis(dk.sum(axis=2), 1, 2)  # [B, K, G, S, D] -> [B, S, K, D]
   dv = jnp.moveaxis(dv.sum(axis=2), 1, 2)
@@ -417,10 +402,11 @@ _flash.defvjp(_flash_forward, _flash_backward)
 
 
 def attention(p: _prepare.Prepared, requested_blocks=None):
-  """``[B, T, H, V]`` by flash attention."""
+  """``(out [B, T, H, V], lse [B, T, H] float32)`` by flash attention."""
   blocks = block_sizes(p.q.shape[1], p.k.shape[1], requested_blocks)
   q, opts = p.q, p.opts
   if q.dtype == jnp.float32:  # scale q once instead of every block of logits
     q = q * jnp.float32(opts.scale)
     opts = dataclasses.replace(opts, scale=1.0)
-  return _flash(opts, blocks, q, p.k, p.v, p.bias, p.mask, p.ctx)
+  out, lse = _flash(opts, blocks, q, p.k, p.v, p.bias, p.mask, p.ctx)
+  return out, lax.stop_gradient(lse)

@@ -8,43 +8,41 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jattn import _core
+from jattn import _core, _numerics
 
 
-def masked_softmax(logits, visible):
-  """float32 softmax over the last axis; rows with nothing visible -> zeros.
+def _hidden_logits(opts: _core.Options, ctx: _core.Context, q, k, bias, mask):
+  """``[T, S]`` float32 logits, ``-inf`` where the key is hidden."""
+  rows, cols = jnp.arange(q.shape[0]), jnp.arange(k.shape[0])
+  logits = _core.block_logits(opts, q, k, bias)
+  return _numerics.hide(logits, _core.block_visible(opts, ctx, rows, cols, mask))
 
-  The max is taken over visible entries only and the exponent of hidden
-  entries is selected away, so hidden logits never reach an ``exp`` that could
-  overflow and empty rows get zero weights and zero (finite) gradients.
-  """
-  if visible is not None:
-    logits = jnp.where(visible, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-  unnormalized = jnp.exp(logits - row_max)
-  total = jnp.sum(unnormalized, axis=-1, keepdims=True)
-  return unnormalized / jnp.where(total > 0, total, 1.0)
+
+def _dropout(opts: _core.Options, ctx: _core.Context, weights):
+  if opts.dropout_rate == 0.0:
+    return weights
+  rows, cols = jnp.arange(weights.shape[0]), jnp.arange(weights.shape[1])
+  keep = _numerics.dropout_keep(ctx.seed, rows, cols, opts.dropout_rate)
+  return _numerics.dropout(weights, keep, opts.dropout_rate)
 
 
 def head_weights(opts: _core.Options, ctx: _core.Context, q, k, bias, mask):
   """``q [T, D], k [S, D] -> [T, S]`` float32 weights, dropout applied."""
-  rows = jnp.arange(q.shape[0])
-  cols = jnp.arange(k.shape[0])
-  logits = _core.block_logits(opts, q, k, bias)
-  weights = masked_softmax(logits, _core.block_visible(opts, ctx, rows, cols, mask))
-  if opts.dropout_rate > 0.0:
-    keep = _core.dropout_keep(ctx.seed, rows, cols, opts.dropout_rate)
-    weights = jnp.where(keep, weights / (1.0 - opts.dropout_rate), 0.0)
-  return weights
+  return _dropout(
+    opts, ctx, _numerics.softmax(_hidden_logits(opts, ctx, q, k, bias, mask))
+  )
 
 
 def head_attention(opts: _core.Options, ctx: _core.Context, q, k, v, bias, mask):
-  """``q [T, D], k [S, D], v [S, V] -> [T, V]`` in the query's dtype.
+  """``q [T, D], k [S, D], v [S, V] -> (out [T, V], lse [T])``.
 
-  The weighted sum is taken in float32 too: the reference is the most
-  precise path, and the others are measured against it.
+  ``out`` has the query's dtype; the weighted sum is taken in float32 too:
+  the reference is the most precise path, and the others are measured
+  against it. ``lse`` is the rows' float32 log-sum-exp (``-inf`` when empty).
   """
-  weights = head_weights(opts, ctx, q, k, bias, mask)
+  logits = _hidden_logits(opts, ctx, q, k, bias, mask)
+  weights = _dropout(opts, ctx, _numerics.softmax(logits))
   out = jnp.einsum('ts,sv->tv', weights, v.astype(jnp.float32))
-  return out.astype(q.dtype)
+  m = jnp.max(logits, axis=-1)
+  l = jnp.sum(jnp.exp(logits - _numerics.finite_or_zero(m)[:, None]), axis=-1)
+  return out.astype(q.dtype), jax.lax.stop_gradient(_numerics.log_sum_exp(m, l))

@@ -20,18 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jattn import _core, _flash, _prepare
-
-
-def _combine(acc, part):
-  """Merge two partial results (out [.., T, V], lse [.., T]) by log-sum-exp."""
-  (out_a, lse_a), (out_b, lse_b) = acc, part
-  lse = jnp.logaddexp(lse_a, lse_b)
-  empty = lse == -jnp.inf
-  w_a = jnp.where(empty, 0.0, jnp.exp(lse_a - jnp.where(empty, 0.0, lse)))
-  w_b = jnp.where(empty, 0.0, jnp.exp(lse_b - jnp.where(empty, 0.0, lse)))
-  out = out_a * w_a[..., None] + out_b.astype(jnp.float32) * w_b[..., None]
-  return out, lse
+from jattn import _core, _flash, _numerics, _prepare
 
 
 class _Layout:
@@ -89,10 +78,10 @@ def _local_forward(opts, blocks, layout_args, q, k, v, ctx):
         head = functools.partial(
           _flash.head_forward, opts, blocks, q_offset=q_off, kv_offset=kv_off
         )
-        part = _core.map_heads(
+        out, (m, l) = _core.map_heads(
           head, *layout.pair(q, k, v, ctx, kv_seg, a, b), out_axis=0
         )
-        acc = _combine(acc, part)
+        acc = _numerics.merge(acc, (out, m, l))
       new_accs.append(acc)
     k, v, kv_seg = layout.rotate((k, v, kv_seg))
     return k, v, kv_seg, new_accs
@@ -101,22 +90,23 @@ def _local_forward(opts, blocks, layout_args, q, k, v, ctx):
     (
       jnp.zeros(out_shape + (layout.q_chunk, v.shape[-1]), jnp.float32),
       jnp.full(out_shape + (layout.q_chunk,), -jnp.inf, jnp.float32),
+      jnp.zeros(out_shape + (layout.q_chunk,), jnp.float32),
     )
     for _ in q_offsets
   ]
   *_, accs = lax.fori_loop(0, layout.n, step, (k, v, ctx.kv_seg, init))
-  out = jnp.concatenate([o for o, _ in accs], axis=3)  # [B, K, G, T, V]
-  lse = jnp.concatenate([lse for _, lse in accs], axis=3)
-  return out.astype(q.dtype), lse
+  # [B, K, G, T, V] and the rows' (m, l) [B, K, G, T]
+  out, m, l = (jnp.concatenate(parts, axis=3) for parts in zip(*accs, strict=True))
+  return out.astype(q.dtype), (m, l)
 
 
-def _local_backward(opts, blocks, layout_args, q, k, v, ctx, out, lse, d_out):
+def _local_backward(opts, blocks, layout_args, q, k, v, ctx, out, stats, d_out):
   """One device: dq locally; dk, dv travel the ring with their chunk."""
   layout = _Layout(*layout_args)
   q_offsets = layout.offsets(layout.index, layout.q_chunk)
 
   def q_part(x, a):
-    return _chunk(x, 3, a, layout.q_chunk)
+    return jax.tree.map(lambda x: _chunk(x, 3, a, layout.q_chunk), x)
 
   def step(s, carry):
     k, v, kv_seg, dk, dv, dq = carry
@@ -132,7 +122,7 @@ def _local_backward(opts, blocks, layout_args, q, k, v, ctx, out, lse, d_out):
           head,
           *layout.pair(q, k, v, ctx, kv_seg, a, b),
           out_axis=0,
-          per_head=(q_part(out, a), q_part(lse, a), q_part(d_out, a)),
+          per_head=(q_part(out, a), q_part(stats, a), q_part(d_out, a)),
         )
         dq_parts[a] = dq_parts[a] + dq_ab
         dk_parts[b] = dk_parts[b] + dk_ab.sum(axis=2)
@@ -166,14 +156,16 @@ def _local_ring(opts, blocks, layout_args, q, k, v, ctx):
 
 
 def _local_ring_fwd(opts, blocks, layout_args, q, k, v, ctx):
-  out, lse = _local_forward(opts, blocks, layout_args, q, k, v, ctx)
-  return _flash._heads_last(out), (q, k, v, ctx, out, lse)
+  out, stats = _local_forward(opts, blocks, layout_args, q, k, v, ctx)
+  return _flash._heads_last(out), (q, k, v, ctx, out, stats)
 
 
 def _local_ring_bwd(opts, blocks, layout_args, residuals, d_out):
-  q, k, v, ctx, out, lse = residuals
+  q, k, v, ctx, out, stats = residuals
   d_out = _flash._heads_grouped(d_out, k.shape[2])
-  dq, dk, dv = _local_backward(opts, blocks, layout_args, q, k, v, ctx, out, lse, d_out)
+  dq, dk, dv = _local_backward(
+    opts, blocks, layout_args, q, k, v, ctx, out, stats, d_out
+  )
   return dq, dk, dv, None
 
 

@@ -28,13 +28,13 @@ def unsupported(p: _prepare.Prepared) -> list[str]:
   return reasons
 
 
-def _rows_with_keys(p: _prepare.Prepared):
+def _rows_with_keys(p: _prepare.Prepared, mask):
   """[B|1, T, H|1, 1] bool: rows that see at least one key (None: all do)."""
-  if p.mask is None and p.opts.window is None and p.ctx.kv_len is None:
+  if mask is None and p.opts.window is None and p.ctx.kv_len is None:
     return None  # top-left causal alone never empties a row
   q_len, kv_len = p.q.shape[1], p.k.shape[1]
   visible = masks.combine_masks(
-    p.mask,
+    mask,
     None
     if p.opts.window is None
     else masks.local_window_mask(q_len, kv_len, p.opts.window),
@@ -48,8 +48,22 @@ def _rows_with_keys(p: _prepare.Prepared):
   return jnp.swapaxes(visible, -1, -2)[..., None]
 
 
+def _bias_and_mask(p: _prepare.Prepared):
+  """(bias, mask) for jax.nn: a ``-inf`` bias entry becomes a hidden key.
+
+  jax.nn adds the bias after masking with a finite large negative, so a row
+  of ``-inf`` bias would be NaN there; here it is a row with nothing to see.
+  """
+  if p.bias is None:
+    return None, p.mask
+  bias = p.bias.astype(jnp.float32)
+  hidden = bias == -jnp.inf
+  return jnp.where(hidden, 0.0, bias), masks.combine_masks(p.mask, ~hidden)
+
+
 def attention(p: _prepare.Prepared, implementation: str):
-  """``[B, T, H, V]`` through ``jax.nn.dot_product_attention``."""
+  """``(out [B, T, H, V], lse [B, T, H] float32)`` through
+  ``jax.nn.dot_product_attention``."""
   reasons = unsupported(p)
   if reasons:
     raise ValueError(
@@ -58,27 +72,30 @@ def attention(p: _prepare.Prepared, implementation: str):
       "'flash', 'reference' or None."
     )
   as_int32 = lambda x: None if x is None else x.astype(jnp.int32)
-  bias = None if p.bias is None else p.bias.astype(jnp.float32)
+  bias, mask = _bias_and_mask(p)
   # jax.nn lowers bf16/fp16 dots with an algorithm preset that breaks under
   # jax_numpy_dtype_promotion='strict' (forward and backward); float32 inputs
   # avoid it and give the float32 accuracy jattn promises anyway.
   q, k, v = p.q, p.k, p.v
   if implementation == 'xla':
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  out = jax.nn.dot_product_attention(
+  out, lse = jax.nn.dot_product_attention(
     q,
     k,
     v,
     bias,
-    p.mask,
+    mask,
     scale=p.opts.scale,
     is_causal=p.opts.is_causal,
     query_seq_lengths=as_int32(p.ctx.q_len),
     key_value_seq_lengths=as_int32(p.ctx.kv_len),
     local_window_size=p.opts.window,
     implementation=implementation,
-  ).astype(p.q.dtype)
-  rows = _rows_with_keys(p)
+    return_residual=True,
+  )
+  out, lse = out.astype(p.q.dtype), lse.astype(jnp.float32)
+  rows = _rows_with_keys(p, mask)
   if rows is not None:
     out = jnp.where(rows, out, jnp.zeros((), out.dtype))
-  return out
+    lse = jnp.where(rows[..., 0], lse, -jnp.inf)
+  return out, lse

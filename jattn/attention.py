@@ -23,6 +23,7 @@ _STATIC = (
   'deterministic',
   'implementation',
   'block_sizes',
+  'return_residual',
 )
 
 
@@ -83,6 +84,7 @@ def dot_product_attention(
   deterministic: bool | None = None,
   implementation: str | None = None,
   block_sizes: tuple[int, int] | None = None,
+  return_residual: bool = False,
 ):
   """Scaled dot-product attention, a drop-in for ``jax.nn.dot_product_attention``.
 
@@ -117,10 +119,14 @@ def dot_product_attention(
       vmapped over heads), ``'xla'`` or ``'cudnn'`` (``jax.nn``).
     block_sizes: flash's (query, key) block sizes; default by backend
       (512 x 256 on CPU), shrunk to short sequences.
+    return_residual: also return the rows' log-sum-exp of the logits, as
+      ``jax.nn.dot_product_attention`` does.
 
   Returns:
     ``[B..., T, H, V]`` in the query's dtype. A query row with nothing to
-    attend to is zero, with finite gradients.
+    attend to is zero, with finite gradients. With ``return_residual``, a
+    pair ``(out, lse)``: ``lse [B..., T, H]`` in the query's dtype, without
+    gradient (``-inf`` for rows with nothing to attend to).
   """
   _check_implementation(implementation)
   return _attention_jit(
@@ -142,6 +148,7 @@ def dot_product_attention(
     deterministic=deterministic,
     implementation=implementation,
     block_sizes=None if block_sizes is None else tuple(block_sizes),
+    return_residual=return_residual,
   )
 
 
@@ -154,7 +161,9 @@ def _prepare_call(query, key, value, bias, mask, dynamic, static):
     mask,
     **dynamic,
     opts_kwargs={
-      k: v for k, v in static.items() if k not in ('implementation', 'block_sizes')
+      k: v
+      for k, v in static.items()
+      if k not in ('implementation', 'block_sizes', 'return_residual')
     },
   )
 
@@ -165,12 +174,12 @@ def _attention_jit(query, key, value, bias, mask, **kwargs):
   p = _prepare_call(query, key, value, bias, mask, kwargs, static)
   implementation = choose_implementation(p, static['implementation'])
   if implementation in ('xla', 'cudnn'):
-    out = _xla.attention(p, implementation)
+    out, lse = _xla.attention(p, implementation)
   elif implementation == 'flash':
-    out = _flash.attention(p, static['block_sizes'])
+    out, lse = _flash.attention(p, static['block_sizes'])
   else:
     head_fn = functools.partial(_reference.head_attention, p.opts)
-    out = _core.map_heads(
+    out, lse = _core.map_heads(
       lambda q, k, v, b, m, c: head_fn(c, q, k, v, b, m),
       p.q,
       p.k,
@@ -180,7 +189,11 @@ def _attention_jit(query, key, value, bias, mask, **kwargs):
       p.ctx,
       out_axis=1,
     )
-  return out.reshape(p.batch_shape + query.shape[-3:-1] + (p.v.shape[-1],))
+    lse = lse.reshape(lse.shape[:2] + (-1,))  # [B, T, K, G] -> [B, T, H]
+  out = out.reshape(p.batch_shape + query.shape[-3:-1] + (p.v.shape[-1],))
+  if not static['return_residual']:
+    return out
+  return out, lse.reshape(out.shape[:-1]).astype(query.dtype)
 
 
 def attention_weights(
@@ -225,6 +238,7 @@ def attention_weights(
     deterministic=deterministic,
     implementation=None,
     block_sizes=None,
+    return_residual=False,
   )
 
 

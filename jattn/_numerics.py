@@ -1,0 +1,127 @@
+"""How logits become weights: the float32 softmax every kernel shares.
+
+A row's softmax statistics are ``(m, l)``: the largest visible logit and the
+sum of ``exp(logit - m)``. They are kept apart rather than folded into one
+log-sum-exp, because at the magnitude of an additive mask (``-1e9``, ``-1e30``,
+``finfo.min``) ``m + log(l)`` rounds ``log(l)`` away, and weights recomputed
+from it would be ``l`` times too large. A row whose every logit is hidden (or
+``-inf``) has ``m = -inf`` and ``l = 0``: its weights and output are zero, and
+its gradients are zero too, never NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def hide(logits, visible):
+  """``logits`` with hidden entries at ``-inf`` (``visible`` None: all seen)."""
+  return logits if visible is None else jnp.where(visible, logits, -jnp.inf)
+
+
+def finite_or_zero(m):
+  """A row max usable as a shift: ``-inf`` (nothing visible) becomes 0."""
+  return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def softmax(logits, visible=None):
+  """float32 softmax over the last axis; rows with nothing visible -> zeros.
+
+  Hidden logits never reach an ``exp`` that could overflow, and empty rows
+  get zero weights with zero (finite) gradients.
+  """
+  logits = hide(logits.astype(jnp.float32), visible)
+  m = jax.lax.stop_gradient(finite_or_zero(jnp.max(logits, axis=-1, keepdims=True)))
+  unnormalized = jnp.exp(logits - m)
+  total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+  return unnormalized / jnp.where(total > 0, total, 1.0)
+
+
+def initial_stats(rows: int):
+  """``(m, l)`` of ``rows`` rows that have seen nothing yet."""
+  return (
+    jnp.full((rows,), -jnp.inf, jnp.float32),
+    jnp.zeros((rows,), jnp.float32),
+  )
+
+
+def online_update(m, l, logits):
+  """Fold a block of ``[t, s]`` logits (hidden = -inf) into ``(m [t], l [t])``.
+
+  Returns ``(m, l, p, correction)``: the new statistics, the block's
+  unnormalised weights ``exp(logits - m)`` and the factor by which
+  everything accumulated before the block must be rescaled.
+  """
+  m_new = jnp.maximum(m, logits.max(axis=-1))
+  shift = finite_or_zero(m_new)
+  p = jnp.exp(logits - shift[:, None])
+  correction = jnp.exp(m - shift)
+  return m_new, l * correction + p.sum(axis=-1), p, correction
+
+
+def normalize(acc, l):
+  """``acc [t, V] / l [t]``; rows with ``l == 0`` (nothing visible) are zero."""
+  return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+
+def weights(logits, m, l):
+  """Normalised weights of ``[t, s]`` logits from their rows' final ``(m, l)``.
+
+  Exactly what the forward's softmax gave, for any block of columns; zero
+  for rows that saw nothing.
+  """
+  inverse = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
+  return jnp.exp(logits - finite_or_zero(m)[:, None]) * inverse[:, None]
+
+
+def merge(a, b):
+  """Two partial results ``(out, m, l)`` over disjoint keys -> their union.
+
+  ``out [..., t, V]`` are normalised by their own ``l``; ``m``, ``l`` are
+  ``[..., t]``. This is how a ring (or a split-KV decode) joins key chunks.
+  """
+  (out_a, m_a, l_a), (out_b, m_b, l_b) = a, b
+  m = jnp.maximum(m_a, m_b)
+  shift = finite_or_zero(m)
+  w_a = l_a * jnp.exp(m_a - shift)
+  w_b = l_b * jnp.exp(m_b - shift)
+  l = w_a + w_b
+  out = out_a.astype(jnp.float32) * w_a[..., None]
+  out = normalize(out + out_b.astype(jnp.float32) * w_b[..., None], l)
+  return out, m, l
+
+
+def log_sum_exp(m, l):
+  """``log(sum(exp(logits)))`` per row; ``-inf`` for rows that saw nothing."""
+  return jnp.where(l > 0, finite_or_zero(m) + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+
+def _fmix32(x):
+  """MurmurHash3's 32-bit finaliser: a cheap, well-mixed integer hash."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def dropout_keep(seed, rows, cols, rate: float):
+  """``[t, s]`` keep mask, a pure function of (seed, row, col).
+
+  Any blocking of the same matrix regenerates the same mask, so a blockwise
+  forward and backward agree with each other and with the reference.
+  """
+  row_hash = _fmix32(seed + rows.astype(jnp.uint32) * jnp.uint32(0x9E3779B1))
+  col_code = cols.astype(jnp.uint32) * jnp.uint32(0x27D4EB2F)
+  bits = _fmix32(row_hash[:, None] ^ col_code[None, :])
+  threshold = np.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+  return bits >= threshold
+
+
+def dropout(x, keep, rate: float):
+  """Inverted dropout: kept entries scaled by ``1 / (1 - rate)``."""
+  if keep is None:
+    return x
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
