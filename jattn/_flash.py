@@ -2,7 +2,7 @@
 
 One head at a time (``map_heads`` vmaps it). The forward walks query blocks
 and, inside each, only the key blocks that causal/window/length masks leave
-visible, keeping a running max ``m``, sum ``l`` and accumulator in float32;
+visible, keeping a running max ``m``, sum ``total`` and accumulator in float32;
 it saves the output and the log-sum-exp. The backward (FlashAttention-2)
 walks key blocks and the query blocks that see them, recomputing each block
 of weights from the saved log-sum-exp. Neither pass holds anything of size
@@ -195,10 +195,10 @@ def _keep(opts, ctx, rows, cols):
 
 
 def head_forward(opts, blocks, q, k, v, bias, mask, ctx, q_offset=0, kv_offset=0):
-  """``q [T, D], k [S, D], v [S, V] -> (out [T, V], (m [T], l [T]))``.
+  """``q [T, D], k [S, D], v [S, V] -> (out [T, V], (m [T], total [T]))``.
 
-  ``(m, l)`` are the rows' softmax statistics (``_numerics``); a row that
-  sees no key has ``l = 0`` and a zero output.
+  ``(m, total)`` are the rows' softmax statistics (``_numerics``); a row that
+  sees no key has ``total = 0`` and a zero output.
   """
   geo = _Geometry(opts, ctx, q.shape[0], k.shape[0], blocks, q_offset, kv_offset)
   bq, bk = geo.bq, geo.bk
@@ -225,7 +225,9 @@ def head_forward(opts, blocks, q, k, v, bias, mask, ctx, q_offset=0, kv_offset=0
         _slice_logits(mask, r0, c0, bq, bk),
         diagonal=diagonal,
       )
-      m, total, p, correction = _numerics.online_update(m, total, _numerics.hide(s, vis))
+      m, total, p, correction = _numerics.online_update(
+        m, total, _numerics.hide(s, vis)
+      )
       p = _numerics.dropout(p, _keep(opts, block_ctx, rows, cols), opts.dropout_rate)
       acc = acc * correction[:, None] + _matmul(p.astype(v.dtype), v_j, 'ts,sv->tv')
       return m, total, acc
@@ -247,7 +249,7 @@ def head_backward(
 ):
   """Gradients ``(dq [T,D], dk [S,D], dv [S,V], dbias [T|1,S|1] or None)``.
 
-  ``out`` and ``stats = (m [T], l [T])`` are the final forward results for
+  ``out`` and ``stats = (m [T], total [T])`` are the final forward results for
   these rows (over all keys, when a ring splits the keys into chunks).
   """
   geo = _Geometry(opts, ctx, q.shape[0], k.shape[0], blocks, q_offset, kv_offset)
@@ -257,8 +259,8 @@ def head_backward(
   q, k, v, bias, mask, ctx = geo.pad_inputs(q, k, v, bias, mask, ctx)
   d_out = _pad_to(d_out, 0, geo.tp)
   delta = _pad_to(delta, 0, geo.tp)
-  # Padded rows get l = 0: zero weights, like rows that see no key.
-  m, l = (_pad_to(x, 0, geo.tp) for x in stats)
+  # Padded rows get total = 0: zero weights, like rows that see no key.
+  m, total = (_pad_to(x, 0, geo.tp) for x in stats)
   # Transposed copies, made once, keep every block matmul in plain NN form.
   q_t, k_t, v_t, d_out_t = q.T, k.T, v.T, d_out.T
 
@@ -289,7 +291,7 @@ def head_backward(
         diagonal=diagonal,
       )
       row = lambda x: lax.dynamic_slice_in_dim(x, r0, bq)
-      p = _numerics.weights(_numerics.hide(s, vis), row(m), row(l))
+      p = _numerics.weights(_numerics.hide(s, vis), row(m), row(total))
       keep = _keep(opts, block_ctx, rows, cols)
       p_used = _numerics.dropout(p, keep, opts.dropout_rate)
       dv_t_j = dv_t_j + _matmul(do_t_i, p_used.astype(do_i.dtype), 'vt,ts->vs')

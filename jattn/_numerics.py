@@ -1,11 +1,11 @@
 """How logits become weights: the float32 softmax every kernel shares.
 
-A row's softmax statistics are ``(m, l)``: the largest visible logit and the
+A row's softmax statistics are ``(m, total)``: the largest visible logit and the
 sum of ``exp(logit - m)``. They are kept apart rather than folded into one
 log-sum-exp, because at the magnitude of an additive mask (``-1e9``, ``-1e30``,
-``finfo.min``) ``m + log(l)`` rounds ``log(l)`` away, and weights recomputed
-from it would be ``l`` times too large. A row whose every logit is hidden (or
-``-inf``) has ``m = -inf`` and ``l = 0``: its weights and output are zero, and
+``finfo.min``) ``m + log(total)`` rounds ``log(total)`` away, and weights recomputed
+from it would be ``total`` times too large. A row whose every logit is hidden (or
+``-inf``) has ``m = -inf`` and ``total = 0``: its weights and output are zero, and
 its gradients are zero too, never NaN.
 """
 
@@ -40,17 +40,17 @@ def softmax(logits, visible=None):
 
 
 def initial_stats(rows: int):
-  """``(m, l)`` of ``rows`` rows that have seen nothing yet."""
+  """``(m, total)`` of ``rows`` rows that have seen nothing yet."""
   return (
     jnp.full((rows,), -jnp.inf, jnp.float32),
     jnp.zeros((rows,), jnp.float32),
   )
 
 
-def online_update(m, l, logits):
-  """Fold a block of ``[t, s]`` logits (hidden = -inf) into ``(m [t], l [t])``.
+def online_update(m, total, logits):
+  """Fold a block of ``[t, s]`` logits (hidden = -inf) into ``(m [t], total [t])``.
 
-  Returns ``(m, l, p, correction)``: the new statistics, the block's
+  Returns ``(m, total, p, correction)``: the new statistics, the block's
   unnormalised weights ``exp(logits - m)`` and the factor by which
   everything accumulated before the block must be rescaled.
   """
@@ -58,44 +58,46 @@ def online_update(m, l, logits):
   shift = finite_or_zero(m_new)
   p = jnp.exp(logits - shift[:, None])
   correction = jnp.exp(m - shift)
-  return m_new, l * correction + p.sum(axis=-1), p, correction
+  return m_new, total * correction + p.sum(axis=-1), p, correction
 
 
-def normalize(acc, l):
-  """``acc [t, V] / l [t]``; rows with ``l == 0`` (nothing visible) are zero."""
-  return acc / jnp.where(l > 0, l, 1.0)[..., None]
+def normalize(acc, total):
+  """``acc [t, V] / total [t]``; rows with ``total == 0`` (nothing visible) are zero."""
+  return acc / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def weights(logits, m, l):
-  """Normalised weights of ``[t, s]`` logits from their rows' final ``(m, l)``.
+def weights(logits, m, total):
+  """Normalised weights of ``[t, s]`` logits from their rows' final ``(m, total)``.
 
   Exactly what the forward's softmax gave, for any block of columns; zero
   for rows that saw nothing.
   """
-  inverse = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
+  inverse = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
   return jnp.exp(logits - finite_or_zero(m)[:, None]) * inverse[:, None]
 
 
 def merge(a, b):
-  """Two partial results ``(out, m, l)`` over disjoint keys -> their union.
+  """Two partial results ``(out, m, total)`` over disjoint keys -> their union.
 
-  ``out [..., t, V]`` are normalised by their own ``l``; ``m``, ``l`` are
+  ``out [..., t, V]`` are normalised by their own ``total``; ``m``, ``total`` are
   ``[..., t]``. This is how a ring (or a split-KV decode) joins key chunks.
   """
-  (out_a, m_a, l_a), (out_b, m_b, l_b) = a, b
+  (out_a, m_a, total_a), (out_b, m_b, total_b) = a, b
   m = jnp.maximum(m_a, m_b)
   shift = finite_or_zero(m)
-  w_a = l_a * jnp.exp(m_a - shift)
-  w_b = l_b * jnp.exp(m_b - shift)
-  l = w_a + w_b
+  w_a = total_a * jnp.exp(m_a - shift)
+  w_b = total_b * jnp.exp(m_b - shift)
+  total = w_a + w_b
   out = out_a.astype(jnp.float32) * w_a[..., None]
-  out = normalize(out + out_b.astype(jnp.float32) * w_b[..., None], l)
-  return out, m, l
+  out = normalize(out + out_b.astype(jnp.float32) * w_b[..., None], total)
+  return out, m, total
 
 
-def log_sum_exp(m, l):
+def log_sum_exp(m, total):
   """``log(sum(exp(logits)))`` per row; ``-inf`` for rows that saw nothing."""
-  return jnp.where(l > 0, finite_or_zero(m) + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  return jnp.where(
+    total > 0, finite_or_zero(m) + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf
+  )
 
 
 def _fmix32(x):

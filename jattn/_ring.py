@@ -78,10 +78,10 @@ def _local_forward(opts, blocks, layout_args, q, k, v, ctx):
         head = functools.partial(
           _flash.head_forward, opts, blocks, q_offset=q_off, kv_offset=kv_off
         )
-        out, (m, l) = _core.map_heads(
+        out, (m, total) = _core.map_heads(
           head, *layout.pair(q, k, v, ctx, kv_seg, a, b), out_axis=0
         )
-        acc = _numerics.merge(acc, (out, m, l))
+        acc = _numerics.merge(acc, (out, m, total))
       new_accs.append(acc)
     k, v, kv_seg = layout.rotate((k, v, kv_seg))
     return k, v, kv_seg, new_accs
@@ -95,9 +95,9 @@ def _local_forward(opts, blocks, layout_args, q, k, v, ctx):
     for _ in q_offsets
   ]
   *_, accs = lax.fori_loop(0, layout.n, step, (k, v, ctx.kv_seg, init))
-  # [B, K, G, T, V] and the rows' (m, l) [B, K, G, T]
-  out, m, l = (jnp.concatenate(parts, axis=3) for parts in zip(*accs, strict=True))
-  return out.astype(q.dtype), (m, l)
+  # [B, K, G, T, V] and the rows' (m, total) [B, K, G, T]
+  out, m, total = (jnp.concatenate(parts, axis=3) for parts in zip(*accs, strict=True))
+  return out.astype(q.dtype), (m, total)
 
 
 def _local_backward(opts, blocks, layout_args, q, k, v, ctx, out, stats, d_out):
