@@ -80,5 +80,6 @@ def check_bool(x, name: str) -> None:
   if x.dtype != np.bool_:
     raise TypeError(
       f'`{name}` must be boolean (True = may attend); got {x.dtype}. '
-      'Pass an additive mask as `bias`.'
+      f'Convert a 0/1 mask with `{name} != 0`; pass an additive mask '
+      '(0 / -inf) as `bias`.'
     )
