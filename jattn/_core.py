@@ -8,24 +8,13 @@ columns, so the reference (one block) and flash (many) agree by construction.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jattn import masks
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-  """Static (hashable) attention options, shared by every head."""
-
-  scale: float
-  is_causal: bool = False
-  window: tuple[int, int] | None = None
-  soft_cap: float | None = None
-  dropout_rate: float = 0.0
+from jattn._options import Options
 
 
 class Context(NamedTuple):

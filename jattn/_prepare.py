@@ -6,6 +6,7 @@ fails before anything is computed, with a message that names the argument.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -13,9 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _checks, _core, masks
+from jattn import _checks, _core
+from jattn._options import Options
 
-IMPLEMENTATIONS = (None, 'flash', 'reference', 'xla', 'cudnn')
+
+class SequenceArrays(NamedTuple):
+  """The per-sequence arrays of a call, as the user passed them."""
+
+  query_seq_lengths: jnp.ndarray | None = None
+  key_value_seq_lengths: jnp.ndarray | None = None
+  q_segment_ids: jnp.ndarray | None = None
+  kv_segment_ids: jnp.ndarray | None = None
 
 
 class Prepared(NamedTuple):
@@ -23,7 +32,8 @@ class Prepared(NamedTuple):
 
   q [B, T, H, D], k [B, S, K, D], v [B, S, K, V] or None;
   bias/mask [B|1, H|1, T|1, S|1] or None; ctx fields [B] / [B, T] / [B, S],
-  seed [B, H]; batch_shape is the caller's B... .
+  seed [B, H]; opts with its scale resolved; batch_shape is the caller's
+  B...; empty when B, T or S is zero (nothing to compute).
   """
 
   q: jnp.ndarray
@@ -32,47 +42,9 @@ class Prepared(NamedTuple):
   bias: jnp.ndarray | None
   mask: jnp.ndarray | None
   ctx: _core.Context
-  opts: _core.Options
+  opts: Options
   batch_shape: tuple[int, ...]
-
-
-def static_options(
-  *,
-  scale,
-  is_causal,
-  local_window_size,
-  logits_soft_cap,
-  dropout_rate,
-  dropout_rng,
-  deterministic,
-  head_dim: int,
-) -> _core.Options:
-  """Check the non-array options and fold them into ``Options``."""
-  if scale is not None and not isinstance(scale, (int, float, np.floating)):
-    raise TypeError(f'`scale` must be a Python float or None; got {scale!r}.')
-  if not isinstance(is_causal, (bool, np.bool_)):
-    raise TypeError(f'`is_causal` must be a bool; got {is_causal!r}.')
-  if logits_soft_cap is not None and not (
-    isinstance(logits_soft_cap, (int, float)) and logits_soft_cap > 0
-  ):
-    raise ValueError(
-      f'`logits_soft_cap` must be a positive float or None; got {logits_soft_cap!r}.'
-    )
-  if not isinstance(dropout_rate, (int, float)) or not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f'`dropout_rate` must be in [0, 1); got {dropout_rate!r}.')
-  if deterministic is False and dropout_rate > 0.0 and dropout_rng is None:
-    raise ValueError(
-      '`dropout_rng` is required when deterministic=False and '
-      f'dropout_rate={dropout_rate} > 0.'
-    )
-  apply_dropout = dropout_rate > 0.0 and dropout_rng is not None and not deterministic
-  return _core.Options(
-    scale=float(1.0 / math.sqrt(head_dim) if scale is None else scale),
-    is_causal=bool(is_causal),
-    window=masks.normalize_window(local_window_size),
-    soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-    dropout_rate=float(dropout_rate) if apply_dropout else 0.0,
-  )
+  empty: bool = False
 
 
 def _check_prng_key(rng) -> None:
@@ -116,29 +88,33 @@ def _logits_shaped(x, name, batch_shape, heads, q_len, kv_len):
   return x.reshape((1,) + x.shape[nb:])
 
 
+def _check_positive_dims(query, key, value) -> None:
+  dims = (
+    ('query', query, -1, 'D'),
+    ('query', query, -2, 'H'),
+    ('key', key, -2, 'K'),
+    ('value', value, -1, 'V'),
+  )
+  for name, x, axis, letter in dims:
+    if x is not None and x.shape[axis] == 0:
+      raise ValueError(
+        f'`{name}`: the {letter} dim must be positive; got shape {tuple(x.shape)}.'
+      )
+
+
 def prepare(
-  query,
-  key,
-  value,
-  bias,
-  mask,
-  *,
-  query_seq_lengths,
-  key_value_seq_lengths,
-  q_segment_ids,
-  kv_segment_ids,
-  dropout_rng,
-  opts_kwargs,
+  query, key, value, bias, mask, arrays: SequenceArrays, dropout_rng, opts: Options
 ) -> Prepared:
   """Check every argument against the others; flatten batch dims."""
   _checks.check_array(query, 'query', min_rank=3, layout='[B..., T, H, D]')
   _checks.check_array(key, 'key', min_rank=3, layout='[B..., S, K, D]')
   _checks.check_floating(query, 'query')
-  arrays = {'query': query, 'key': key}
+  operands = {'query': query, 'key': key}
   if value is not None:
     _checks.check_array(value, 'value', min_rank=3, layout='[B..., S, K, V]')
-    arrays['value'] = value
-  _checks.check_same_dtype(arrays)
+    operands['value'] = value
+  _checks.check_same_dtype(operands)
+  _check_positive_dims(query, key, value)
   batch_shape = tuple(query.shape[:-3])
   q_len, heads, head_dim = query.shape[-3:]
   batch = math.prod(batch_shape)
@@ -182,6 +158,7 @@ def prepare(
     _checks.check_bool(mask, 'mask')
     mask = _logits_shaped(mask, 'mask', batch_shape, heads, q_len, kv_len)
 
+  query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids = arrays
   if kv_segment_ids is None and q_segment_ids is not None:
     if kv_len != q_len:
       raise ValueError(
@@ -200,7 +177,8 @@ def prepare(
     _checks.check_shape(x, name, batch_shape + tail, layout)
     return x.reshape((batch,) + tail)
 
-  opts = static_options(dropout_rng=dropout_rng, head_dim=head_dim, **opts_kwargs)
+  if opts.scale is None:
+    opts = dataclasses.replace(opts, scale=1.0 / math.sqrt(head_dim))
   seed = None
   if dropout_rng is not None:
     _check_prng_key(dropout_rng)
@@ -213,4 +191,5 @@ def prepare(
     kv_seg=per_sequence(kv_segment_ids, 'kv_segment_ids', (kv_len,), '[B..., S]'),
     seed=seed,
   )
-  return Prepared(q, k, v, bias, mask, ctx, opts, batch_shape)
+  empty = batch == 0 or q_len == 0 or kv_len == 0
+  return Prepared(q, k, v, bias, mask, ctx, opts, batch_shape, empty)

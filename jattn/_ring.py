@@ -198,9 +198,7 @@ def _zigzag_moves(n: int):
   return moves
 
 
-def attention(
-  p: _prepare.Prepared, mesh, *, seq_axis, data_axis, model_axis, requested_blocks=None
-):
+def attention(p: _prepare.Prepared, mesh, *, seq_axis, data_axis, model_axis):
   """``[B, T, H, V]`` by ring attention over ``mesh[seq_axis]``."""
   if p.bias is not None or p.mask is not None:
     raise ValueError(
@@ -243,7 +241,7 @@ def attention(
   blocks = _flash.block_sizes(
     q.shape[1] // n // (2 if zigzag else 1),
     k.shape[1] // n // (2 if zigzag else 1),
-    requested_blocks,
+    p.opts.block_sizes,
   )
   layout_args = (seq_axis, q.shape[1] // n, k.shape[1] // n, zigzag)
   ring = functools.partial(_local_ring, p.opts, blocks, layout_args)

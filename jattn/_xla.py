@@ -14,9 +14,12 @@ import jax.numpy as jnp
 from jattn import _prepare, masks
 
 
-def unsupported(p: _prepare.Prepared) -> list[str]:
+def unsupported(p: _prepare.Prepared, implementation: str = 'xla') -> list[str]:
   """The arguments ``jax.nn.dot_product_attention`` cannot take."""
   reasons = []
+  backend = jax.default_backend()
+  if implementation == 'cudnn' and backend != 'gpu':
+    reasons.append(f'the {backend!r} backend (cuDNN needs an NVIDIA GPU)')
   if p.ctx.q_seg is not None:
     reasons.append('segment ids')
   if p.opts.soft_cap is not None:
@@ -64,7 +67,7 @@ def _bias_and_mask(p: _prepare.Prepared):
 def attention(p: _prepare.Prepared, implementation: str):
   """``(out [B, T, H, V], lse [B, T, H] float32)`` through
   ``jax.nn.dot_product_attention``."""
-  reasons = unsupported(p)
+  reasons = unsupported(p, implementation)
   if reasons:
     raise ValueError(
       f'implementation={implementation!r} (jax.nn.dot_product_attention) '

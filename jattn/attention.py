@@ -12,34 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jattn import _core, _flash, _prepare, _reference, _xla
-
-_STATIC = (
-  'scale',
-  'is_causal',
-  'local_window_size',
-  'logits_soft_cap',
-  'dropout_rate',
-  'deterministic',
-  'implementation',
-  'block_sizes',
-  'return_residual',
-)
-
-
-def _check_implementation(implementation) -> None:
-  if implementation not in _prepare.IMPLEMENTATIONS:
-    raise ValueError(
-      f'`implementation` must be one of {_prepare.IMPLEMENTATIONS}; got '
-      f'{implementation!r}.'
-    )
-
-
-def _hashable_window(local_window_size):
-  if isinstance(local_window_size, list):
-    return tuple(local_window_size)
-  return local_window_size
-
+from jattn import _core, _flash, _options, _prepare, _reference, _xla
 
 # cuDNN's fused attention (through jax.nn) takes half precision, no dropout,
 # segment ids or soft-cap, V == D and head dims up to 128 in multiples of 8.
@@ -128,55 +101,36 @@ def dot_product_attention(
     pair ``(out, lse)``: ``lse [B..., T, H]`` in the query's dtype, without
     gradient (``-inf`` for rows with nothing to attend to).
   """
-  _check_implementation(implementation)
-  return _attention_jit(
-    query,
-    key,
-    value,
-    bias,
-    mask,
-    query_seq_lengths=query_seq_lengths,
-    key_value_seq_lengths=key_value_seq_lengths,
-    q_segment_ids=q_segment_ids,
-    kv_segment_ids=kv_segment_ids,
-    dropout_rng=dropout_rng,
+  opts = _options.make_options(
     scale=scale,
     is_causal=is_causal,
-    local_window_size=_hashable_window(local_window_size),
+    local_window_size=local_window_size,
     logits_soft_cap=logits_soft_cap,
     dropout_rate=dropout_rate,
+    dropout_rng=dropout_rng,
     deterministic=deterministic,
     implementation=implementation,
-    block_sizes=None if block_sizes is None else tuple(block_sizes),
+    block_sizes=block_sizes,
     return_residual=return_residual,
   )
-
-
-def _prepare_call(query, key, value, bias, mask, dynamic, static):
-  return _prepare.prepare(
-    query,
-    key,
-    value,
-    bias,
-    mask,
-    **dynamic,
-    opts_kwargs={
-      k: v
-      for k, v in static.items()
-      if k not in ('implementation', 'block_sizes', 'return_residual')
-    },
+  arrays = _prepare.SequenceArrays(
+    query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids
   )
+  return _attention_jit(query, key, value, bias, mask, arrays, dropout_rng, opts)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _attention_jit(query, key, value, bias, mask, **kwargs):
-  static = {k: kwargs.pop(k) for k in _STATIC}
-  p = _prepare_call(query, key, value, bias, mask, kwargs, static)
-  implementation = choose_implementation(p, static['implementation'])
+@functools.partial(jax.jit, static_argnames='opts')
+def _attention_jit(query, key, value, bias, mask, arrays, dropout_rng, opts):
+  p = _prepare.prepare(query, key, value, bias, mask, arrays, dropout_rng, opts)
+  if p.empty:  # B, T or S is zero: nothing to compute, rows see no key
+    out = jnp.zeros(p.batch_shape + query.shape[-3:-1] + value.shape[-1:], query.dtype)
+    lse = jnp.full(out.shape[:-1], -jnp.inf, query.dtype)
+    return (out, lse) if opts.return_residual else out
+  implementation = choose_implementation(p, opts.implementation)
   if implementation in ('xla', 'cudnn'):
     out, lse = _xla.attention(p, implementation)
   elif implementation == 'flash':
-    out, lse = _flash.attention(p, static['block_sizes'])
+    out, lse = _flash.attention(p, opts.block_sizes)
   else:
     head_fn = functools.partial(_reference.head_attention, p.opts)
     out, lse = _core.map_heads(
@@ -191,7 +145,7 @@ def _attention_jit(query, key, value, bias, mask, **kwargs):
     )
     lse = lse.reshape(lse.shape[:2] + (-1,))  # [B, T, K, G] -> [B, T, H]
   out = out.reshape(p.batch_shape + query.shape[-3:-1] + (p.v.shape[-1],))
-  if not static['return_residual']:
+  if not opts.return_residual:
     return out
   return out, lse.reshape(out.shape[:-1]).astype(query.dtype)
 
@@ -220,32 +174,26 @@ def attention_weights(
   rows with nothing to attend to are zero. Materialises ``[T, S]``: use it to
   inspect and plot, not inside a model.
   """
-  return _weights_jit(
-    query,
-    key,
-    bias,
-    mask,
-    query_seq_lengths=query_seq_lengths,
-    key_value_seq_lengths=key_value_seq_lengths,
-    q_segment_ids=q_segment_ids,
-    kv_segment_ids=kv_segment_ids,
-    dropout_rng=dropout_rng,
+  opts = _options.make_options(
     scale=scale,
     is_causal=is_causal,
-    local_window_size=_hashable_window(local_window_size),
+    local_window_size=local_window_size,
     logits_soft_cap=logits_soft_cap,
     dropout_rate=dropout_rate,
+    dropout_rng=dropout_rng,
     deterministic=deterministic,
-    implementation=None,
-    block_sizes=None,
-    return_residual=False,
   )
+  arrays = _prepare.SequenceArrays(
+    query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids
+  )
+  return _weights_jit(query, key, bias, mask, arrays, dropout_rng, opts)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _weights_jit(query, key, bias, mask, **kwargs):
-  static = {k: kwargs.pop(k) for k in _STATIC}
-  p = _prepare_call(query, key, None, bias, mask, kwargs, static)
+@functools.partial(jax.jit, static_argnames='opts')
+def _weights_jit(query, key, bias, mask, arrays, dropout_rng, opts):
+  p = _prepare.prepare(query, key, None, bias, mask, arrays, dropout_rng, opts)
+  if p.empty:
+    return jnp.zeros(p.batch_shape + (query.shape[-2], query.shape[-3], key.shape[-3]))
   head_fn = functools.partial(_reference.head_weights, p.opts)
   weights = _core.map_heads(
     lambda q, k, v, b, m, c: head_fn(c, q, k, b, m),

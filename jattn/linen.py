@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jattn import multihead
+from jattn import _options, multihead
 
 
 class MultiHeadAttention(nn.Module):
@@ -41,6 +41,14 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   deterministic: bool | None = None
   implementation: str | None = None
+
+  def __post_init__(self):
+    # Settings are checked when the module is built, not at its first call.
+    _options.check_dropout_rate(self.dropout_rate)
+    _options.as_bool(self.deterministic, 'deterministic', allow_none=True)
+    _options.check_implementation(self.implementation)
+    _options.as_int(self.num_heads, 'num_heads', minimum=1)
+    super().__post_init__()
 
   @nn.compact
   def __call__(

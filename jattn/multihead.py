@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn import _checks
+from jattn._options import as_int
 from jattn.attention import dot_product_attention
 
 Initializer = Callable[..., jnp.ndarray]
@@ -39,9 +40,16 @@ def param_shapes(
   use_bias: bool = True,
 ) -> dict[str, dict[str, tuple[int, ...]]]:
   """The shape of every parameter; defaults follow Flax (D = E // H, F = E)."""
-  for name, value in (('in_features', in_features), ('num_heads', num_heads)):
-    if not isinstance(value, int) or value <= 0:
-      raise ValueError(f'`{name}` must be a positive int; got {value!r}.')
+  positive = lambda value, name: (
+    None if value is None else as_int(value, name, minimum=1)
+  )
+  in_features = positive(in_features, 'in_features')
+  num_heads = positive(num_heads, 'num_heads')
+  head_dim = positive(head_dim, 'head_dim')
+  num_kv_heads = positive(num_kv_heads, 'num_kv_heads')
+  value_head_dim = positive(value_head_dim, 'value_head_dim')
+  out_features = positive(out_features, 'out_features')
+  kv_features = positive(kv_features, 'kv_features')
   if head_dim is None:
     if in_features % num_heads:
       raise ValueError(
@@ -50,7 +58,7 @@ def param_shapes(
       )
     head_dim = in_features // num_heads
   num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-  if num_kv_heads <= 0 or num_heads % num_kv_heads:
+  if num_heads % num_kv_heads:
     raise ValueError(
       f'`num_heads`={num_heads} must be a multiple of `num_kv_heads`={num_kv_heads}.'
     )
@@ -139,6 +147,18 @@ def init_params(
   }
 
 
+_LAYOUTS = {
+  ('query', 'kernel'): '[E, H, D]',
+  ('key', 'kernel'): '[E, K, D]',
+  ('value', 'kernel'): '[E, K, V]',
+  ('out', 'kernel'): '[H, V, F]',
+  ('query', 'bias'): '[H, D]',
+  ('key', 'bias'): '[K, D]',
+  ('value', 'bias'): '[K, V]',
+  ('out', 'bias'): '[F]',
+}
+
+
 def _check_params(params) -> None:
   """The pytree has the four projections with consistent shapes."""
   if not isinstance(params, dict) or set(params) != set(PROJECTIONS):
@@ -150,9 +170,19 @@ def _check_params(params) -> None:
     entry = params[name]
     if not isinstance(entry, dict) or 'kernel' not in entry:
       raise ValueError(f"`params['{name}']` must be a dict with a 'kernel'.")
-    _checks.check_array(
-      entry['kernel'], f"params['{name}']['kernel']", min_rank=3, layout='[E, H|K, D]'
-    )
+    for leaf, array in entry.items():
+      if leaf not in ('kernel', 'bias'):
+        raise ValueError(
+          f"`params['{name}']` holds {leaf!r}; only 'kernel' and 'bias' belong there."
+        )
+      if array is None:
+        raise TypeError(
+          f"`params['{name}']['{leaf}']` is None; leave the key out for no bias."
+        )
+      _checks.check_array(
+        array, f"params['{name}']['{leaf}']", min_rank=1, layout=_LAYOUTS[name, leaf]
+      )
+      _checks.check_floating(array, f"params['{name}']['{leaf}']")
     if entry['kernel'].ndim != 3:
       raise ValueError(
         f"`params['{name}']['kernel']` must have rank 3; got shape "
@@ -174,9 +204,8 @@ def _check_params(params) -> None:
   for name, dims in expected.items():
     actual = params[name]['kernel'].shape
     if any(e is not None and e != a for e, a in zip(dims, actual, strict=True)):
-      layout = {'key': '[E, K, D]', 'value': '[E, K, V]', 'out': '[H, V, F]'}
       raise ValueError(
-        f"`params['{name}']['kernel']` must be {layout[name]} = "
+        f"`params['{name}']['kernel']` must be {_LAYOUTS[name, 'kernel']} = "
         f'{tuple("?" if d is None else d for d in dims)} given the query '
         f'kernel {tuple(params["query"]["kernel"].shape)}; got '
         f'{tuple(actual)}.'
@@ -195,7 +224,13 @@ def _check_params(params) -> None:
 def _compute_dtype(dtype, *arrays):
   """The given dtype, or the widest float among the arrays (Flax's rule)."""
   if dtype is not None:
-    return jnp.dtype(dtype)
+    try:
+      dtype = jnp.dtype(dtype)
+    except TypeError:
+      raise TypeError(f'`dtype` must be a floating dtype; got {dtype!r}.') from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f'`dtype` must be a floating dtype; got {dtype}.')
+    return dtype
   dtypes = {jnp.dtype(x.dtype) for x in arrays}
   widest = max(dtypes, key=lambda d: d.itemsize)
   if widest.itemsize == 2 and len(dtypes) > 1:  # bfloat16 with float16

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn import multihead
+from jattn import _options, multihead
 
 
 class _Projection(nnx.Module):
@@ -25,6 +25,15 @@ class _Projection(nnx.Module):
     if self.bias is not None:
       arrays['bias'] = self.bias[...]
     return arrays
+
+
+def _check_settings(dropout_rate, deterministic, implementation):
+  """The module's static settings, checked when it is built (not at a call)."""
+  return (
+    _options.check_dropout_rate(dropout_rate),
+    _options.as_bool(deterministic, 'deterministic'),
+    _options.check_implementation(implementation),
+  )
 
 
 class MultiHeadAttention(nnx.Module):
@@ -63,6 +72,18 @@ class MultiHeadAttention(nnx.Module):
     implementation: str | None = None,
     rngs: nnx.Rngs,
   ):
+    if not isinstance(rngs, nnx.Rngs):
+      raise TypeError(
+        f'`rngs` must be an nnx.Rngs (e.g. nnx.Rngs(0)); got {type(rngs).__name__}.'
+      )
+    dropout_rate, deterministic, implementation = _check_settings(
+      dropout_rate, deterministic, implementation
+    )
+    if dropout_rate > 0.0 and 'dropout' not in rngs and 'default' not in rngs:
+      raise ValueError(
+        f'dropout_rate={dropout_rate} needs a dropout stream: '
+        'rngs=nnx.Rngs(params=..., dropout=...).'
+      )
     params = multihead.init_params(
       rngs.params(),
       in_features,

@@ -150,39 +150,32 @@ def ring_attention(
   Any T and S work (padded inside to a multiple of the ring size; 2x for
   causal).
   """
-  from jattn import _prepare, _ring
+  from jattn import _options, _prepare, _ring
 
   if seq_axis not in mesh.shape:
     raise ValueError(
       f'`mesh` has no axis {seq_axis!r} for the sequence; its axes are '
       f'{tuple(mesh.shape)}.'
     )
-  p = _prepare.prepare(
-    query,
-    key,
-    value,
-    None,
-    None,
-    query_seq_lengths=query_seq_lengths,
-    key_value_seq_lengths=key_value_seq_lengths,
-    q_segment_ids=q_segment_ids,
-    kv_segment_ids=kv_segment_ids,
+  opts = _options.make_options(
+    scale=scale,
+    is_causal=is_causal,
+    local_window_size=local_window_size,
+    logits_soft_cap=logits_soft_cap,
+    dropout_rate=dropout_rate,
     dropout_rng=dropout_rng,
-    opts_kwargs=dict(
-      scale=scale,
-      is_causal=is_causal,
-      local_window_size=local_window_size,
-      logits_soft_cap=logits_soft_cap,
-      dropout_rate=dropout_rate,
-      deterministic=deterministic,
-    ),
+    deterministic=deterministic,
+    block_sizes=block_sizes,
   )
+  arrays = _prepare.SequenceArrays(
+    query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids
+  )
+  p = _prepare.prepare(query, key, value, None, None, arrays, dropout_rng, opts)
   out = _ring.attention(
     p,
     mesh,
     seq_axis=seq_axis,
     data_axis=DATA,
     model_axis=MODEL,
-    requested_blocks=block_sizes,
   )
   return out.reshape(p.batch_shape + out.shape[1:])

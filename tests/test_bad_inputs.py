@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import jattn
+import jattn.linen
 import jattn.nnx
 from tests import helpers
 
@@ -167,6 +168,153 @@ CASES = {
     ValueError,
     'num_kv_heads',
   ),
+  # Zero sizes that cannot work; zero B, T or S return the empty result.
+  'head dim zero': (
+    attend(q=jnp.ones((2, 6, 4, 0)), k=jnp.ones((2, 7, 2, 0)), v=V),
+    ValueError,
+    'D dim',
+  ),
+  'query heads zero': (attend(q=jnp.ones((2, 6, 0, 8))), ValueError, 'H dim'),
+  'kv heads zero': (
+    attend(k=jnp.ones((2, 7, 0, 8)), v=jnp.ones((2, 7, 0, 8))),
+    ValueError,
+    'K dim',
+  ),
+  'value dim zero': (attend(v=jnp.ones((2, 7, 2, 0))), ValueError, 'V dim'),
+  # Options of the wrong kind or value.
+  'block sizes an int': (attend(block_sizes=8), ValueError, 'block_sizes'),
+  'block sizes one long': (attend(block_sizes=(8,)), ValueError, 'block_sizes'),
+  'block sizes zero': (attend(block_sizes=(8, 0)), ValueError, 'block_sizes'),
+  'window a float': (attend(local_window_size=2.5), TypeError, 'local_window_size'),
+  'window a bool': (attend(local_window_size=True), TypeError, 'local_window_size'),
+  'window a dict': (attend(local_window_size={}), TypeError, 'local_window_size'),
+  'deterministic a string': (
+    attend(deterministic='yes'),
+    TypeError,
+    'deterministic',
+  ),
+  'scale nan': (attend(scale=float('nan')), ValueError, 'scale'),
+  'scale inf': (attend(scale=float('inf')), ValueError, 'scale'),
+  'scale zero': (attend(scale=0.0), ValueError, 'scale'),
+  'scale an array': (attend(scale=jnp.ones(2)), TypeError, 'scale'),
+  'soft cap inf': (attend(logits_soft_cap=float('inf')), ValueError, 'logits_soft_cap'),
+  'dropout rate a bool': (attend(dropout_rate=True), TypeError, 'dropout_rate'),
+  'return_residual a string': (
+    attend(return_residual='yes'),
+    TypeError,
+    'return_residual',
+  ),
+  'cudnn without a GPU': (attend(implementation='cudnn'), ValueError, "'cpu' backend"),
+  # The multi-head function and the wrappers.
+  'num_heads a bool': (
+    lambda: jattn.init_params(jax.random.key(0), 16, True),
+    TypeError,
+    'num_heads',
+  ),
+  'head_dim zero': (
+    lambda: jattn.init_params(jax.random.key(0), 16, 4, head_dim=0),
+    ValueError,
+    'head_dim',
+  ),
+  'integer kernels': (
+    mha(params=jax.tree.map(lambda x: x.astype(jnp.int32), PARAMS)),
+    TypeError,
+    'must have a floating dtype',
+  ),
+  'integer dtype': (mha(dtype=jnp.int32), TypeError, 'dtype'),
+  'dtype not a dtype': (mha(dtype='banana'), TypeError, 'dtype'),
+  'None bias leaf': (
+    mha(params={**PARAMS, 'query': {**PARAMS['query'], 'bias': None}}),
+    TypeError,
+    "params['query']['bias']",
+  ),
+  'unknown leaf': (
+    mha(params={**PARAMS, 'out': {**PARAMS['out'], 'scale': PARAMS['out']['bias']}}),
+    ValueError,
+    "params['out']",
+  ),
+  'nnx dropout rate': (
+    lambda: jattn.nnx.MultiHeadAttention(4, 16, dropout_rate=1.5, rngs=nnx.Rngs(0)),
+    ValueError,
+    'dropout_rate',
+  ),
+  'nnx implementation': (
+    lambda: jattn.nnx.MultiHeadAttention(
+      4, 16, implementation='fast', rngs=nnx.Rngs(0)
+    ),
+    ValueError,
+    'implementation',
+  ),
+  'nnx rngs None': (
+    lambda: jattn.nnx.MultiHeadAttention(4, 16, rngs=None),
+    TypeError,
+    'rngs',
+  ),
+  'nnx rngs an int': (
+    lambda: jattn.nnx.MultiHeadAttention(4, 16, rngs=3),
+    TypeError,
+    'rngs',
+  ),
+  'nnx dropout without a stream': (
+    lambda: jattn.nnx.MultiHeadAttention(
+      4, 16, dropout_rate=0.1, rngs=nnx.Rngs(params=0)
+    ),
+    ValueError,
+    'dropout',
+  ),
+  'linen dropout rate': (
+    lambda: jattn.linen.MultiHeadAttention(num_heads=4, dropout_rate=-0.5),
+    ValueError,
+    'dropout_rate',
+  ),
+  'linen implementation': (
+    lambda: jattn.linen.MultiHeadAttention(num_heads=4, implementation='fast'),
+    ValueError,
+    'implementation',
+  ),
+  # The mask helpers.
+  'padding negative lengths': (
+    lambda: jattn.padding_mask(jnp.array([-1, 2]), None, 3, 3),
+    ValueError,
+    'query_lengths',
+  ),
+  'padding float lengths': (
+    lambda: jattn.padding_mask(None, jnp.array([1.5, 2.0]), 3, 3),
+    TypeError,
+    'key_value_lengths',
+  ),
+  'padding lengths do not broadcast': (
+    lambda: jattn.padding_mask(jnp.array([1, 2]), jnp.array([1, 2, 3]), 3, 3),
+    ValueError,
+    'key_value_lengths',
+  ),
+  'segment float ids': (
+    lambda: jattn.segment_mask(jnp.ones((2, 3))),
+    TypeError,
+    'q_segment_ids',
+  ),
+  'segment batch mismatch': (
+    lambda: jattn.segment_mask(jnp.ones((2, 3), int), jnp.ones((3, 4), int)),
+    ValueError,
+    'kv_segment_ids',
+  ),
+  'combine float mask': (
+    lambda: jattn.combine_masks(jnp.ones((3, 3)), jnp.ones((3, 3), bool)),
+    TypeError,
+    'masks[0]',
+  ),
+  'combine shapes do not broadcast': (
+    lambda: jattn.combine_masks(jnp.ones((3, 4), bool), jnp.ones((2, 3), bool)),
+    ValueError,
+    'masks[1]',
+  ),
+  'causal negative length': (lambda: jattn.causal_mask(-1, 3), ValueError, 'q_len'),
+  'causal float length': (lambda: jattn.causal_mask(3, 2.5), TypeError, 'kv_len'),
+  'window mask float': (
+    lambda: jattn.local_window_mask(3, 3, 1.5),
+    TypeError,
+    'local_window_size',
+  ),
   'nnx key features mismatch': (
     lambda: jattn.nnx.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0))(
       X, jnp.ones((2, 5, 8))
@@ -193,8 +341,71 @@ def test_errors_quote_the_shapes():
     attend(mask=jnp.ones((6, 5), bool))()
 
 
-def test_table_is_large_enough():
-  assert len(CASES) >= 30
+# Values (not shapes) of traced arrays cannot be checked at trace time.
+VALUE_CHECKS = {'padding negative lengths'}
+
+
+@pytest.mark.parametrize('case', sorted(set(CASES) - VALUE_CHECKS))
+def test_bad_input_is_reported_under_jit(case):
+  # Checks run at trace time, so jit raises the same error before computing.
+  fn, error, name = CASES[case]
+  with pytest.raises(error) as info:
+    jax.jit(fn)()
+  assert name in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+  'options',
+  [
+    dict(local_window_size=np.int64(2)),
+    dict(local_window_size=(np.int32(1), 2)),
+    dict(logits_soft_cap=np.float32(30)),
+    dict(dropout_rate=np.float32(0.1), dropout_rng=jax.random.key(0)),
+    dict(scale=jnp.float32(0.5)),
+    dict(scale=np.array(0.5)),
+    dict(is_causal=np.bool_(True)),
+    dict(block_sizes=[np.int64(8), 8]),
+  ],
+  ids=lambda o: ', '.join(f'{k}={type(v).__name__}' for k, v in o.items()),
+)
+def test_numpy_scalars_are_numbers(options):
+  python = {
+    k: (v if k == 'dropout_rng' else jax.tree.map(lambda x: np.asarray(x).item(), v))
+    for k, v in options.items()
+  }
+  expected = jattn.dot_product_attention(Q, K, V, **python)
+  np.testing.assert_array_equal(
+    jattn.dot_product_attention(Q, K, V, **options), expected
+  )
+
+
+def test_a_traced_option_says_it_must_be_static():
+  with pytest.raises(TypeError, match=r'scale.*concrete'):
+    jax.jit(lambda s: jattn.dot_product_attention(Q, K, V, scale=s))(0.5)
+
+
+@pytest.mark.parametrize('implementation', [None, 'flash', 'reference', 'xla'])
+@pytest.mark.parametrize(
+  'shapes',
+  [((2, 0, 4), (2, 7, 2)), ((2, 6, 4), (2, 0, 2)), ((0, 6, 4), (0, 7, 2))],
+  ids=['T=0', 'S=0', 'B=0'],
+)
+def test_zero_sizes_give_the_empty_result(shapes, implementation):
+  (b, t, h), (_, s, k) = shapes
+  q, kv = jnp.ones((b, t, h, 8)), jnp.ones((b, s, k, 8))
+  f = lambda q, kv: jattn.dot_product_attention(
+    q, kv, kv, implementation=implementation, is_causal=t == s
+  )
+  out = f(q, kv)
+  assert out.shape == (b, t, h, 8)
+  np.testing.assert_array_equal(out, 0.0)  # S = 0: rows see no key
+  dq, dkv = jax.grad(lambda q, kv: f(q, kv).sum(), argnums=(0, 1))(q, kv)
+  assert dq.shape == q.shape and dkv.shape == kv.shape
+  if t and b:
+    ref = jax.nn.dot_product_attention(q, kv, kv)
+    assert ref.shape == out.shape
+  weights = jattn.attention_weights(q, kv)
+  assert weights.shape == (b, h, t, s)
 
 
 def test_errors_raise_under_jit_at_trace_time():

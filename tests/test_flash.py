@@ -94,24 +94,7 @@ def test_more_queries_than_keys_and_value_dim():
 def test_default_implementation_is_flash_on_cpu():
   q, k, v = helpers.qkv(0)
   p = jattn._prepare.prepare(
-    q,
-    k,
-    v,
-    None,
-    None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    dropout_rng=None,
-    opts_kwargs=dict(
-      scale=None,
-      is_causal=False,
-      local_window_size=None,
-      logits_soft_cap=None,
-      dropout_rate=0.0,
-      deterministic=None,
-    ),
+    q, k, v, None, None, jattn._prepare.SequenceArrays(), None, jattn._options.Options()
   )
   assert jattn.attention.choose_implementation(p, None) == 'flash'
 

@@ -12,6 +12,8 @@ import sys
 
 import orbax.checkpoint as ocp
 
+from config import UserError
+
 
 class Checkpoints:
   def __init__(self, workdir: str, keep: int):
@@ -36,8 +38,9 @@ class Checkpoints:
   def restore(self, target, *, best: bool = False):
     """The newest readable checkpoint shaped like ``target``, or None if none.
 
-    A checkpoint that fails to load is reported on stderr and skipped; if every
-    one fails, raises SystemExit rather than silently starting over.
+    A checkpoint that fails to load is reported on stderr and skipped. If every
+    latest checkpoint fails, raises UserError rather than silently starting
+    over; if the best one fails, returns None (the caller falls back).
     """
     manager = self.best if best else self.latest
     steps = sorted(manager.all_steps(), reverse=True)
@@ -53,8 +56,8 @@ class Checkpoints:
           'trying the previous one.',
           file=sys.stderr,
         )
-    if steps:
-      raise SystemExit(
+    if steps and not best:
+      raise UserError(
         f'no checkpoint in {manager.directory} could be read; move it away to '
         'start over.'
       )

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 
+
+class UserError(ValueError):
+  """Something the user can fix (a flag, a file, a workdir): ``main`` prints
+  the message as one line on stderr and exits with status 2."""
+
+
 ATTENTION_CHOICES = ('default', 'flash', 'reference', 'xla', 'cudnn', 'flax')
 
 
@@ -64,6 +70,25 @@ class Config:
   progress: bool = True  # the tqdm bar
 
 
+# Flags that may change when a run resumes: they steer how long it runs, what
+# it logs and where, not what it computes. Every other flag is bound to the
+# run (its data, model, optimiser and randomness), and resuming a workdir with
+# a different value is refused.
+MAY_CHANGE_ON_RESUME = frozenset(
+  {
+    'num_steps',
+    'workdir',
+    'eval_batch_size',
+    'eval_every',
+    'checkpoint_every',
+    'keep_checkpoints',
+    'log_every',
+    'progress',
+    'model_axis',
+  }
+)
+
+
 PRESETS = {
   'default': {},
   # Long Range Arena's ListOps settings, for accelerators.
@@ -90,7 +115,7 @@ PRESETS = {
 
 
 def validate(config: Config) -> None:
-  """Raises ValueError naming the flag for settings that cannot work."""
+  """Raises UserError naming the flag for settings that cannot work."""
   choices = {
     'tokenizer': ('word', 'byte'),
     'positions': ('learned', 'sinusoidal'),
@@ -100,11 +125,11 @@ def validate(config: Config) -> None:
   }
   for name, allowed in choices.items():
     if getattr(config, name) not in allowed:
-      raise ValueError(
+      raise UserError(
         f'--{name} must be one of {allowed}; got {getattr(config, name)!r}.'
       )
   if config.embed_dim % config.num_heads:
-    raise ValueError(
+    raise UserError(
       f'--embed_dim {config.embed_dim} must be a multiple of --num_heads '
       f'{config.num_heads}.'
     )
@@ -116,8 +141,8 @@ def validate(config: Config) -> None:
     'bucket_width',
   ):
     if getattr(config, name) < 1:
-      raise ValueError(f'--{name} must be positive; got {getattr(config, name)}.')
+      raise UserError(f'--{name} must be positive; got {getattr(config, name)}.')
   if config.max_length < 2:
-    raise ValueError(
+    raise UserError(
       f'--max_length must leave room for [CLS] and a token; got {config.max_length}.'
     )

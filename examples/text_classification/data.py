@@ -18,11 +18,12 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 import listops
+from config import UserError
 
 PAD, UNK, CLS = '[PAD]', '[UNK]', '[CLS]'
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """Bad input data; the message starts with ``file:line``."""
 
 
@@ -62,12 +63,29 @@ def listops_splits(config) -> Splits:
   return splits
 
 
+def _text_lines(path: str, raw) -> Iterator[str]:
+  """The lines of a binary file as text; a byte that is not UTF-8 -> file:line."""
+  for line_number, line in enumerate(raw, 1):
+    try:
+      yield line.decode('utf-8-sig' if line_number == 1 else 'utf-8')
+    except UnicodeDecodeError as error:
+      raise DataError(
+        f'{path}:{line_number}: not UTF-8 (byte 0x{line[error.start]:02x} at column '
+        f'{error.start + 1}); save the file as UTF-8.'
+      ) from None
+
+
+# A text field may be a whole document: lift the csv module's 128 KB limit.
+csv.field_size_limit(2**31 - 1)
+
+
 def _rows(path: str) -> Iterator[tuple[int, dict]]:
   """(line number, row) pairs of a .csv, .tsv or .jsonl file."""
   suffix = os.path.splitext(path)[1].lower()
   if suffix not in ('.csv', '.tsv', '.jsonl', '.json'):
     raise DataError(f'{path}: unknown file type {suffix!r}; use .csv, .tsv or .jsonl.')
-  with open(path, newline='', encoding='utf-8') as file:
+  with open(path, 'rb') as raw:
+    file = _text_lines(path, raw)
     if suffix in ('.jsonl', '.json'):
       for line_number, line in enumerate(file, 1):
         if not line.strip():
@@ -83,19 +101,26 @@ def _rows(path: str) -> Iterator[tuple[int, dict]]:
         yield line_number, row
       return
     reader = csv.reader(file, delimiter='\t' if suffix == '.tsv' else ',')
-    header = next(reader, None)
-    if header is None:
-      return
-    for row in reader:
-      line_number = reader.line_num
-      if not row or row == ['']:
-        continue
-      if len(row) != len(header):
-        raise DataError(
-          f'{path}:{line_number}: {len(row)} fields, the header has {len(header)} '
-          f'({", ".join(header)}).'
-        )
-      yield line_number, dict(zip(header, row, strict=True))
+    try:
+      yield from _csv_rows(path, reader)
+    except csv.Error as error:
+      raise DataError(f'{path}:{reader.line_num}: malformed CSV ({error}).') from None
+
+
+def _csv_rows(path: str, reader) -> Iterator[tuple[int, dict]]:
+  header = next(reader, None)
+  if header is None:
+    return
+  for row in reader:
+    line_number = reader.line_num
+    if not row or row == ['']:
+      continue
+    if len(row) != len(header):
+      raise DataError(
+        f'{path}:{line_number}: {len(row)} fields, the header has {len(header)} '
+        f'({", ".join(header)}).'
+      )
+    yield line_number, dict(zip(header, row, strict=True))
 
 
 def read_file(path: str, text_column: str, label_column: str) -> list[Example]:
@@ -152,7 +177,7 @@ def hf_splits(config) -> Splits:
   try:
     import datasets
   except ImportError:
-    raise SystemExit(
+    raise UserError(
       f'--dataset {config.dataset} needs Hugging Face datasets: '
       "pip install -e '.[examples,datasets]'"
     ) from None
@@ -160,8 +185,9 @@ def hf_splits(config) -> Splits:
   try:
     loaded = datasets.load_dataset(name, subset or None)
   except Exception as error:  # the hub is unreachable, or the name is unknown
-    raise SystemExit(
-      f'could not load Hugging Face dataset {config.dataset!r}: {error}\n'
+    first_line = (str(error).splitlines() or [type(error).__name__])[0]
+    raise UserError(
+      f'could not load Hugging Face dataset {config.dataset!r} ({first_line}). '
       'Is the hub reachable (or the dataset cached)? Offline, use --train_file.'
     ) from None
   features = loaded['train'].features

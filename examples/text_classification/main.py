@@ -70,7 +70,15 @@ def parse(argv=None) -> tuple[config_lib.Config, list[str]]:
 
 
 def main(argv=None) -> None:
-  config, texts = parse(argv)
+  """Runs the command line; a user error is one line on stderr and status 2."""
+  try:
+    run(*parse(argv))
+  except config_lib.UserError as error:
+    print(f'error: {error}', file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def run(config: config_lib.Config, texts: list[str]) -> None:
   if texts:
     import predict
 

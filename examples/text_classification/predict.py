@@ -20,7 +20,7 @@ def load(workdir: str):
   config_path = os.path.join(workdir, 'config.json')
   saved = data.load_vocabulary(workdir)
   if not os.path.exists(config_path) or saved is None:
-    raise SystemExit(
+    raise config_lib.UserError(
       f'{workdir} lacks config.json, {data.VOCABULARY_FILE} or '
       f'{data.LABELS_FILE}: is it the --workdir of a training run?'
     )
@@ -32,7 +32,7 @@ def load(workdir: str):
   restored = checkpoints.restore(state, best=True) or checkpoints.restore(state)
   checkpoints.close()
   if restored is None:
-    raise SystemExit(f'no checkpoint in {workdir}: train first.')
+    raise config_lib.UserError(f'no checkpoint in {workdir}: train first.')
   return task, restored['params'], tokenizer, names, config
 
 

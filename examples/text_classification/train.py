@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -134,13 +135,13 @@ def make_mesh(config, devices=None):
   """A ('data', 'model') mesh over ``devices`` (default all), ``model_axis`` wide."""
   devices = jax.devices() if devices is None else devices
   if len(devices) % config.model_axis:
-    raise ValueError(
+    raise config_lib.UserError(
       f'--model_axis {config.model_axis} does not divide {len(devices)} devices.'
     )
   data_size = len(devices) // config.model_axis
   for name in ('batch_size', 'eval_batch_size'):
     if getattr(config, name) % data_size:
-      raise ValueError(
+      raise config_lib.UserError(
         f'--{name} {getattr(config, name)} must be a multiple of the {data_size} '
         'devices on the data axis.'
       )
@@ -229,19 +230,38 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+def _read_records(path: str) -> list[dict]:
+  """The records of a metrics file; a damaged line (a kill during a write) is
+  dropped with a warning."""
+  records = []
+  with open(path, encoding='utf-8', errors='replace') as file:
+    for line_number, line in enumerate(file, 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        print(
+          f'warning: {path}:{line_number} is a partial record; dropped.',
+          file=sys.stderr,
+        )
+  return records
+
+
 class MetricsLog:
   """``workdir/metrics.jsonl``: one JSON record per line, kept across resumes."""
 
   def __init__(self, path: str, resume_step: int):
     self.path = path
-    self.records = []
-    if os.path.exists(path):
-      with open(path) as file:
-        self.records = [json.loads(line) for line in file if line.strip()]
+    self.records = _read_records(path) if os.path.exists(path) else []
     # Drop what a killed run logged after its last checkpoint (it is redone)
     # and any test result (written again at the end).
     self.records = [
-      r for r in self.records if r['step'] <= resume_step and r['split'] != 'test'
+      r
+      for r in self.records
+      if isinstance(r, dict)
+      and r.get('step', resume_step + 1) <= resume_step
+      and r.get('split') in ('train', 'validation')
     ]
     with open(path, 'w') as file:
       file.writelines(json.dumps(r) + '\n' for r in self.records)
@@ -266,59 +286,51 @@ def evaluate(evaluate_fn, state, encoded, config, batch_sharding) -> dict:
   return {'loss': totals['loss_sum'] / count, 'accuracy': totals['correct'] / count}
 
 
-# Flags a workdir's run is bound to: they fix its data, vocabulary and model.
-# Training flags (steps, learning rate, ...) may change between runs.
-_BOUND = [
-  'dataset',
-  'train_file',
-  'val_file',
-  'test_file',
-  'text_column',
-  'label_column',
-  'split_fraction',
-  'train_size',
-  'val_size',
-  'test_size',
-  'listops_min_length',
-  'listops_max_length',
-  'tokenizer',
-  'min_count',
-  'vocab_size',
-  'max_length',
-  'num_layers',
-  'embed_dim',
-  'num_heads',
-  'mlp_dim',
-  'positions',
-  'pooling',
-  'attention',
-  'dtype',
-  'seed',
-]
-
-
 def _check_workdir_config(config, path: str) -> None:
-  """A workdir holds one run: refuse to resume it with other data or model."""
+  """A workdir holds one run: refuse to resume it with flags that change what
+  it computes (all but ``config.MAY_CHANGE_ON_RESUME``)."""
   if not os.path.exists(path):
     return
-  with open(path) as file:
-    saved = json.load(file)
+  try:
+    with open(path) as file:
+      saved = json.load(file)
+  except (OSError, ValueError) as error:
+    raise config_lib.UserError(
+      f'{path} cannot be read ({error}); use a new --workdir.'
+    ) from None
   current = dataclasses.asdict(config)
   differ = [
     f'--{k} {saved[k]!r} -> {current[k]!r}'
-    for k in _BOUND
-    if k in saved and saved[k] != current[k]
+    for k in current
+    if k not in config_lib.MAY_CHANGE_ON_RESUME
+    and k in saved
+    and saved[k] != current[k]
   ]
   if differ:
-    raise SystemExit(
-      f'{config.workdir} holds a run with other data or model settings '
-      f'({"; ".join(differ)}). Use a new --workdir, or those flags to resume.'
+    raise config_lib.UserError(
+      f'{config.workdir} holds a run with other settings ({"; ".join(differ)}). '
+      'Use a new --workdir, or the same flags to resume.'
     )
 
 
+def _make_workdir(config, tokenizer, names, fresh: bool) -> None:
+  """Creates the workdir (once the run is known to start) and writes the
+  config, and the vocabulary and labels of a fresh run."""
+  try:
+    os.makedirs(config.workdir, exist_ok=True)
+    if fresh:
+      data.save_vocabulary(config.workdir, tokenizer, names)
+    with open(os.path.join(config.workdir, 'config.json'), 'w') as file:
+      json.dump(dataclasses.asdict(config), file, indent=1)
+  except OSError as error:
+    raise config_lib.UserError(
+      f'--workdir {config.workdir} cannot be written ({error.strerror or error}).'
+    ) from None
+
+
 def prepare_data(config):
-  """(tokenizer, label names, encoded splits); the vocabulary and labels are
-  saved in (or, on resume, read from) the workdir."""
+  """(tokenizer, label names, encoded splits, fresh); on resume the vocabulary
+  and labels are read from the workdir, else (``fresh``) built from train."""
   splits = data.load_splits(config)
   saved = data.load_vocabulary(config.workdir)
   if saved is not None:
@@ -331,12 +343,11 @@ def prepare_data(config):
       max_size=config.vocab_size,
     )
     names = data.label_names(splits['train'])
-    data.save_vocabulary(config.workdir, tokenizer, names)
   encoded = {
     name: data.encode(examples, tokenizer, names, config.max_length)
     for name, examples in splits.items()
   }
-  return tokenizer, names, encoded
+  return tokenizer, names, encoded, saved is None
 
 
 def train_and_evaluate(config) -> dict:
@@ -348,15 +359,11 @@ def train_and_evaluate(config) -> dict:
 
   config_lib.validate(config)
   started = time.perf_counter()
-  os.makedirs(config.workdir, exist_ok=True)
-  config_path = os.path.join(config.workdir, 'config.json')
-  _check_workdir_config(config, config_path)
-
-  tokenizer, names, encoded = prepare_data(config)
-  with open(config_path, 'w') as file:
-    json.dump(dataclasses.asdict(config), file, indent=1)
-
+  _check_workdir_config(config, os.path.join(config.workdir, 'config.json'))
   mesh = make_mesh(config)
+  tokenizer, names, encoded, fresh = prepare_data(config)
+  _make_workdir(config, tokenizer, names, fresh)
+
   task, state = create(config, tokenizer.size, len(names))
   shardings, batch_sharding, train_fn, evaluate_fn = jit_steps(task, state, mesh)
   state = jax.device_put(state, shardings)
@@ -472,7 +479,14 @@ def train_and_evaluate(config) -> dict:
   bar.close()
 
   # The best validation checkpoint is the model we test.
-  best_state = checkpoints.restore(state, best=True) or state
+  best_state = checkpoints.restore(state, best=True)
+  if best_state is None:
+    print(
+      f'warning: no readable checkpoint in {config.workdir}/best; testing the '
+      f'latest state (step {int(state["step"])}) instead.',
+      file=sys.stderr,
+    )
+    best_state = state
   test = evaluate(evaluate_fn, best_state, encoded['test'], config, batch_sharding)
   log.write({'step': int(best_state['step']), 'split': 'test', **test})
   train_labels = np.bincount(encoded['train'].labels, minlength=len(names))

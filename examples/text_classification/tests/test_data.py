@@ -69,6 +69,45 @@ def test_read_file_malformed(tmp_path, name, contents, message):
     data.read_file(path, 'text', 'label')
 
 
+@pytest.mark.parametrize('suffix', ['csv', 'tsv', 'jsonl'])
+def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path, suffix):
+  rows = {
+    'csv': [b'text,label', b'fine,pos', b'caf\xe9,neg'],
+    'tsv': [b'text\tlabel', b'fine\tpos', b'caf\xe9\tneg'],
+    'jsonl': [
+      b'{"text": "a", "label": "x"}',
+      b'',
+      b'{"text": "caf\xe9", "label": "y"}',
+    ],
+  }[suffix]
+  path = tmp_path / f'latin1.{suffix}'
+  path.write_bytes(b'\n'.join(rows) + b'\n')
+  with pytest.raises(
+    data.DataError, match=rf'latin1\.{suffix}:3: not UTF-8 \(byte 0xe9'
+  ):
+    data.read_file(str(path), 'text', 'label')
+
+
+def test_a_field_over_the_csv_modules_limit_is_read(tmp_path):
+  long_text = 'word ' * 60_000  # 300 KB, over csv's default 128 KB
+  path = write(tmp_path / 'long.csv', f'text,label\n"{long_text}",pos\nshort,neg\n')
+  examples = data.read_file(path, 'text', 'label')
+  assert examples[0].text == long_text and examples[1].where.endswith(':3')
+
+
+def test_a_utf8_bom_and_crlf_lines_are_read(tmp_path):
+  path = tmp_path / 'bom.csv'
+  path.write_bytes('\ufefftext,label\r\ncafé,pos\r\n'.encode())
+  (example,) = data.read_file(str(path), 'text', 'label')
+  assert (example.text, example.label) == ('café', 'pos')
+
+
+def test_an_unterminated_quote_names_the_file(tmp_path):
+  path = write(tmp_path / 'quote.csv', 'text,label\n"open,pos\n')
+  with pytest.raises(data.DataError, match=r'quote\.csv'):
+    data.read_file(path, 'text', 'label')
+
+
 def test_missing_file(tmp_path):
   with pytest.raises(data.DataError, match='no such file'):
     data.read_file(str(tmp_path / 'nope.csv'), 'text', 'label')
@@ -109,7 +148,9 @@ def test_hf_dataset_without_the_extra_says_how_to_install(monkeypatch):
     return real_import(name, *args, **kwargs)
 
   monkeypatch.setattr(builtins, '__import__', no_datasets)
-  with pytest.raises(SystemExit, match=r"pip install -e '\.\[examples,datasets\]'"):
+  with pytest.raises(
+    config_lib.UserError, match=r"pip install -e '\.\[examples,datasets\]'"
+  ):
     data.load_splits(config_lib.Config(dataset='imdb'))
 
 
@@ -230,5 +271,5 @@ def test_hf_dataset_unreachable_hub_is_explained(monkeypatch):
     raise ConnectionError('Could not reach huggingface.co')
 
   monkeypatch.setitem(sys.modules, 'datasets', _fake_datasets(unreachable))
-  with pytest.raises(SystemExit, match='Is the hub reachable'):
+  with pytest.raises(config_lib.UserError, match='Is the hub reachable'):
     data.load_splits(config_lib.Config(dataset='imdb'))

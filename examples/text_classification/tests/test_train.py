@@ -227,7 +227,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
   config = config_lib.Config(workdir=str(tmp_path))
   with open(tmp_path / 'config.json', 'w') as file:
     json.dump({**config.__dict__, 'embed_dim': 32}, file)
-  with pytest.raises(SystemExit, match='--embed_dim 32 -> 64'):
+  with pytest.raises(config_lib.UserError, match='--embed_dim 32 -> 64'):
     train.train_and_evaluate(config)
 
 

@@ -1,0 +1,135 @@
+"""The training example under faults: kill -9, damaged files, refused flags,
+user errors as one line and exit status 2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import main
+import numpy as np
+import pytest
+from test_train import MAIN, TINY, final_params, read_json, read_metrics, run_main
+
+import config as config_lib
+import train
+
+
+def damage(directory):
+  for root, _, names in os.walk(directory):
+    for name in names:
+      with open(os.path.join(root, name), 'wb') as file:
+        file.write(b'\0garbage')
+
+
+def test_kill_9_and_a_torn_metrics_line_lose_nothing(tmp_path):
+  flags = ['--num_steps', '80', '--eval_every', '20', '--checkpoint_every', '10']
+  whole = run_main(tmp_path / 'whole', *flags)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+
+  workdir = tmp_path / 'cut'
+  process = subprocess.Popen(
+    [sys.executable, MAIN, *TINY, '--workdir', str(workdir), *flags],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  deadline = time.monotonic() + 240
+  while not (workdir / 'checkpoints' / '20').exists() and process.poll() is None:
+    assert time.monotonic() < deadline, 'no checkpoint appeared'
+    time.sleep(0.02)
+  time.sleep(0.3)  # between two checkpoints
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  assert process.returncode == -signal.SIGKILL
+  with open(workdir / 'metrics.jsonl', 'a') as file:  # a kill in mid-write
+    file.write('{"step": 31, "split": "tra')
+
+  resumed = run_main(workdir, *flags)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'is a partial record; dropped' in resumed.stderr
+  assert read_metrics(workdir) == read_metrics(tmp_path / 'whole')
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    final_params(workdir),
+    final_params(tmp_path / 'whole'),
+  )
+
+
+def test_damaged_best_checkpoint_falls_back_to_the_latest(tmp_path, capsys):
+  flags = [*TINY, '--workdir', str(tmp_path), '--eval_every', '10']
+  main.main([*flags, '--num_steps', '20'])
+  damage(tmp_path / 'best')
+  capsys.readouterr()
+  main.main([*flags, '--num_steps', '20'])  # a finished run, tested again
+  err = capsys.readouterr().err
+  assert 'best/20 is damaged' in err and 'testing the latest state (step 20)' in err
+  assert read_json(tmp_path / 'summary.json')['best_step'] == 20
+  main.main([*flags, '--num_steps', '30'])  # and a running one goes on
+  assert int(final_params(tmp_path)['step']) == 30
+
+
+@pytest.mark.parametrize(
+  'flag, saved, given',
+  [
+    ('dropout_rate', 0.3, 0.1),
+    ('attention_dropout_rate', 0.2, 0.0),
+    ('batch_size', 64, 32),
+    ('learning_rate', 1e-3, 2e-3),
+    ('embed_dim', 32, 64),
+  ],
+)
+def test_resuming_with_a_flag_that_changes_the_result_is_refused(
+  tmp_path, flag, saved, given
+):
+  config = config_lib.Config(workdir=str(tmp_path), **{flag: given})
+  with open(tmp_path / 'config.json', 'w') as file:
+    json.dump({**config.__dict__, flag: saved}, file)
+  with pytest.raises(config_lib.UserError, match=rf'--{flag} {saved!r} -> {given!r}'):
+    train.train_and_evaluate(config)
+
+
+def test_flags_that_steer_the_run_may_change(tmp_path):
+  config = config_lib.Config(workdir=str(tmp_path))
+  path = tmp_path / 'config.json'
+  with open(path, 'w') as file:
+    json.dump({**config.__dict__, 'num_steps': 10, 'log_every': 7}, file)
+  train._check_workdir_config(config, str(path))
+
+
+def test_a_data_error_is_one_line_and_status_2(tmp_path):
+  bad = tmp_path / 'bad.csv'
+  bad.write_bytes(b'text,label\nfine,pos\ncaf\xe9,neg\n')
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+    [sys.executable, MAIN, '--train_file', str(bad), '--workdir', str(workdir)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 2
+  assert 'Traceback' not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert errors == [f'error: {bad}:3: not UTF-8 (byte 0xe9 at column 4); save the '
+                    'file as UTF-8.']  # fmt: skip
+  assert not workdir.exists()  # a failed start leaves no workdir behind
+
+
+def test_user_errors_exit_2(tmp_path, capsys):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  cases = [
+    (['--workdir', str(blocker / 'run')], 'cannot be written'),
+    (['--workdir', str(tmp_path / 'w'), '--embed_dim', '31'], '--embed_dim 31'),
+    (['--workdir', str(tmp_path / 'w'), '--train_file', 'nope.csv'], 'no such file'),
+    (['--workdir', str(tmp_path / 'empty'), '--predict', 'x'], 'lacks config.json'),
+  ]
+  for flags, message in cases:
+    with pytest.raises(SystemExit) as info:
+      main.main([*TINY, '--train_size', '64', '--num_steps', '1', *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and message in err, err
+  assert not (tmp_path / 'w').exists()
