@@ -16,6 +16,39 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def matmul(subscripts: str, a, b):
+  """einsum with float32 results; half-precision operands on CPU go float32.
+
+  XLA's CPU dot does not take every bf16 x bf16 -> f32 shape, and it has no
+  fast half-precision path to lose; GPUs and TPUs keep the half inputs.
+  """
+  if jax.default_backend() == 'cpu':
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
+
+
+def capped_logits(opts, q, k):
+  """``q [t, D], k [s, D] -> [t, s]`` float32 ``soft_cap(scale q.k)``."""
+  logits = matmul('td,sd->ts', q, k) * jnp.float32(opts.scale)
+  if opts.soft_cap is not None:
+    cap = jnp.float32(opts.soft_cap)
+    logits = cap * jnp.tanh(logits / cap)
+  return logits
+
+
+def block_logits(opts, q, k, bias=None):
+  """``soft_cap(scale q.k) + bias``: ``[t, s]`` float32 logits."""
+  out = capped_logits(opts, q, k)
+  return out if bias is None else out + bias.astype(jnp.float32)
+
+
+def soft_cap_grad(opts, d_logits, capped):
+  """The gradient through the soft-cap, given its output ``capped``."""
+  if opts.soft_cap is None:
+    return d_logits
+  return d_logits * (1.0 - jnp.square(capped / opts.soft_cap))
+
+
 def hide(logits, visible):
   """``logits`` with hidden entries at ``-inf`` (``visible`` None: all seen)."""
   return logits if visible is None else jnp.where(visible, logits, -jnp.inf)

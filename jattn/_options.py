@@ -29,6 +29,7 @@ class Options:
   scale: float | None = None
   is_causal: bool = False
   window: tuple[int, int] | None = None
+  chunk_size: int | None = None
   soft_cap: float | None = None
   dropout_rate: float = 0.0
   implementation: str | None = None
@@ -124,6 +125,7 @@ def make_options(
   scale=None,
   is_causal=False,
   local_window_size=None,
+  attention_chunk_size=None,
   logits_soft_cap=None,
   dropout_rate=0.0,
   dropout_rng=None,
@@ -158,6 +160,9 @@ def make_options(
     scale=scale,
     is_causal=as_bool(is_causal, 'is_causal'),
     window=normalize_window(local_window_size),
+    chunk_size=None
+    if attention_chunk_size is None
+    else as_int(attention_chunk_size, 'attention_chunk_size', minimum=1),
     soft_cap=logits_soft_cap,
     dropout_rate=dropout_rate if applied else 0.0,
     implementation=implementation,

@@ -7,6 +7,7 @@ fails before anything is computed, with a message that names the argument.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import NamedTuple
 
@@ -14,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _checks, _core
-from jattn._options import Options
+from jattn import _checks
+from jattn._options import Options, make_options
+from jattn._visibility import Visibility
 
 
 class SequenceArrays(NamedTuple):
@@ -25,26 +27,38 @@ class SequenceArrays(NamedTuple):
   key_value_seq_lengths: jnp.ndarray | None = None
   q_segment_ids: jnp.ndarray | None = None
   kv_segment_ids: jnp.ndarray | None = None
+  prefix_lengths: jnp.ndarray | None = None
 
 
 class Prepared(NamedTuple):
-  """Kernel-ready arguments: one flat batch axis B = prod(B...).
+  """Kernel-ready arguments (what every kernel takes): one flat batch axis
+  B = prod(B...).
 
-  q [B, T, H, D], k [B, S, K, D], v [B, S, K, V] or None;
-  bias/mask [B|1, H|1, T|1, S|1] or None; ctx fields [B] / [B, T] / [B, S],
-  seed [B, H]; opts with its scale resolved; batch_shape is the caller's
-  B...; empty when B, T or S is zero (nothing to compute).
+  q [B, T, H, D], k [B, S, K, D], v [B, S, K, V] or None; bias
+  [B|1, H|1, T|1, S|1] or None; vis: who may attend (its arrays batched);
+  seed [B, H] uint32 for dropout or None; opts with its scale resolved;
+  batch_shape is the caller's B...; empty when B, T or S is zero.
   """
 
   q: jnp.ndarray
   k: jnp.ndarray
   v: jnp.ndarray | None
   bias: jnp.ndarray | None
-  mask: jnp.ndarray | None
-  ctx: _core.Context
+  vis: Visibility
+  seed: jnp.ndarray | None
   opts: Options
   batch_shape: tuple[int, ...]
   empty: bool = False
+
+
+def split_arguments(arguments: dict) -> tuple[SequenceArrays, Options]:
+  """A public function's ``locals()`` -> (its per-sequence arrays, its
+  validated static options). Names not used by the function count as unset."""
+  arrays = SequenceArrays(
+    **{name: arguments.get(name) for name in SequenceArrays._fields}
+  )
+  names = inspect.signature(make_options).parameters
+  return arrays, make_options(**{n: arguments[n] for n in names if n in arguments})
 
 
 def _check_prng_key(rng) -> None:
@@ -158,7 +172,14 @@ def prepare(
     _checks.check_bool(mask, 'mask')
     mask = _logits_shaped(mask, 'mask', batch_shape, heads, q_len, kv_len)
 
-  query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids = arrays
+  query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids, prefix = (
+    arrays
+  )
+  if prefix is not None and not opts.is_causal:
+    raise ValueError(
+      '`prefix_lengths` [B...] makes a causal mask bidirectional inside the '
+      'prefix; it needs is_causal=True.'
+    )
   if kv_segment_ids is None and q_segment_ids is not None:
     if kv_len != q_len:
       raise ValueError(
@@ -184,12 +205,17 @@ def prepare(
     _check_prng_key(dropout_rng)
   if opts.dropout_rate > 0.0:
     seed = jax.random.bits(dropout_rng, (batch, heads), jnp.uint32)
-  ctx = _core.Context(
+  vis = Visibility(
+    is_causal=opts.is_causal,
+    window=opts.window,
+    chunk_size=opts.chunk_size,
+    kv_size=kv_len,
     q_len=per_sequence(query_seq_lengths, 'query_seq_lengths', (), '[B...]'),
     kv_len=per_sequence(key_value_seq_lengths, 'key_value_seq_lengths', (), '[B...]'),
+    prefix=per_sequence(prefix, 'prefix_lengths', (), '[B...]'),
     q_seg=per_sequence(q_segment_ids, 'q_segment_ids', (q_len,), '[B..., T]'),
     kv_seg=per_sequence(kv_segment_ids, 'kv_segment_ids', (kv_len,), '[B..., S]'),
-    seed=seed,
+    mask=mask,
   )
   empty = batch == 0 or q_len == 0 or kv_len == 0
-  return Prepared(q, k, v, bias, mask, ctx, opts, batch_shape, empty)
+  return Prepared(q, k, v, bias, vis, seed, opts, batch_shape, empty)

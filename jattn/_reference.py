@@ -5,44 +5,70 @@ Plain and obviously right; every other implementation is tested against it.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from jattn import _core, _numerics
+from jattn import _numerics
+from jattn._heads import map_heads
+from jattn._prepare import Prepared
 
 
-def _hidden_logits(opts: _core.Options, ctx: _core.Context, q, k, bias, mask):
+def _hidden_logits(opts, q, k, bias, vis):
   """``[T, S]`` float32 logits, ``-inf`` where the key is hidden."""
-  rows, cols = jnp.arange(q.shape[0]), jnp.arange(k.shape[0])
-  logits = _core.block_logits(opts, q, k, bias)
-  return _numerics.hide(logits, _core.block_visible(opts, ctx, rows, cols, mask))
+  logits = _numerics.block_logits(opts, q, k, bias)
+  return _numerics.hide(logits, vis.elements(0, 0, q.shape[0], k.shape[0]))
 
 
-def _dropout(opts: _core.Options, ctx: _core.Context, weights):
+def _dropout(opts, vis, seed, weights):
   if opts.dropout_rate == 0.0:
     return weights
-  rows, cols = jnp.arange(weights.shape[0]), jnp.arange(weights.shape[1])
-  keep = _numerics.dropout_keep(ctx.seed, rows, cols, opts.dropout_rate)
+  rows, cols = vis.positions(0, 0, *weights.shape)
+  keep = _numerics.dropout_keep(seed, rows, cols, opts.dropout_rate)
   return _numerics.dropout(weights, keep, opts.dropout_rate)
 
 
-def head_weights(opts: _core.Options, ctx: _core.Context, q, k, bias, mask):
+def head_weights(opts, q, k, bias, vis, seed):
   """``q [T, D], k [S, D] -> [T, S]`` float32 weights, dropout applied."""
-  return _dropout(
-    opts, ctx, _numerics.softmax(_hidden_logits(opts, ctx, q, k, bias, mask))
-  )
+  weights = _numerics.softmax(_hidden_logits(opts, q, k, bias, vis))
+  return _dropout(opts, vis, seed, weights)
 
 
-def head_attention(opts: _core.Options, ctx: _core.Context, q, k, v, bias, mask):
+def head_attention(opts, q, k, v, bias, vis, seed):
   """``q [T, D], k [S, D], v [S, V] -> (out [T, V], lse [T])``.
 
   ``out`` has the query's dtype; the weighted sum is taken in float32 too:
   the reference is the most precise path, and the others are measured
   against it. ``lse`` is the rows' float32 log-sum-exp (``-inf`` when empty).
   """
-  logits = _hidden_logits(opts, ctx, q, k, bias, mask)
-  weights = _dropout(opts, ctx, _numerics.softmax(logits))
+  logits = _hidden_logits(opts, q, k, bias, vis)
+  weights = _dropout(opts, vis, seed, _numerics.softmax(logits))
   out = jnp.einsum('ts,sv->tv', weights, v.astype(jnp.float32))
   m = jnp.max(logits, axis=-1)
   total = jnp.sum(jnp.exp(logits - _numerics.finite_or_zero(m)[:, None]), axis=-1)
   return out.astype(q.dtype), jax.lax.stop_gradient(_numerics.log_sum_exp(m, total))
+
+
+def weights(p: Prepared):
+  """``[B, H, T, S]`` float32 weights of every head."""
+  head = lambda q, k, v, bias, vis, seed: head_weights(p.opts, q, k, bias, vis, seed)
+  out = map_heads(head, p.q, p.k, p.k, p.bias, p.vis, p.seed, out_axis=0)
+  return out.reshape(out.shape[:1] + (-1,) + out.shape[-2:])  # [B, K, G, ..]
+
+
+class Reference:
+  """The kernel contract (see ``_registry``): takes every call."""
+
+  name = 'reference'
+
+  def supports(self, p: Prepared) -> list[str]:
+    return []
+
+  def __call__(self, p: Prepared):
+    head = functools.partial(head_attention, p.opts)
+    out, lse = map_heads(head, p.q, p.k, p.v, p.bias, p.vis, p.seed, out_axis=1)
+    # [B, T, K, G, V] -> [B, T, H, V]; [B, T, K, G] -> [B, T, H]
+    return out.reshape(out.shape[:2] + (-1, out.shape[-1])), lse.reshape(
+      lse.shape[:2] + (-1,)
+    )

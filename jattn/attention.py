@@ -12,29 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jattn import _core, _flash, _options, _prepare, _reference, _xla
-
-# cuDNN's fused attention (through jax.nn) takes half precision, no dropout,
-# segment ids or soft-cap, V == D and head dims up to 128 in multiples of 8.
-_CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
-
-
-def _cudnn_fits(p: _prepare.Prepared) -> bool:
-  head_dim = p.q.shape[-1]
-  return (
-    jax.default_backend() == 'gpu'
-    and not _xla.unsupported(p)
-    and jnp.dtype(p.q.dtype) in _CUDNN_DTYPES
-    and head_dim <= 128
-    and head_dim % 8 == 0
-  )
-
-
-def choose_implementation(p: _prepare.Prepared, implementation):
-  """The auto rule: cuDNN on a GPU when the arguments fit it, else flash."""
-  if implementation is not None:
-    return implementation
-  return 'cudnn' if _cudnn_fits(p) else 'flash'
+from jattn import _prepare, _reference, _registry
 
 
 def dot_product_attention(
@@ -51,6 +29,8 @@ def dot_product_attention(
   q_segment_ids=None,
   kv_segment_ids=None,
   local_window_size: int | tuple[int, int] | None = None,
+  attention_chunk_size: int | None = None,
+  prefix_lengths=None,
   logits_soft_cap: float | None = None,
   dropout_rate: float = 0.0,
   dropout_rng=None,
@@ -79,17 +59,21 @@ def dot_product_attention(
     kv_segment_ids: int ``[B..., S]``; defaults to q_segment_ids when T == S.
     local_window_size: ``w`` or ``(left, right)``: query i sees keys
       ``i - left .. i + right``.
+    attention_chunk_size: ``C``: query i sees only keys of its own chunk
+      (``i // C == j // C``); with ``is_causal``, Llama 4's chunked attention.
+    prefix_lengths: int ``[B...]``, with ``is_causal``: prefix-LM attention,
+      query i sees key j when ``j <= i`` or ``j < prefix_length``.
     logits_soft_cap: ``c``: logits become ``c * tanh(logits / c)`` (before bias).
     dropout_rate: inverted dropout on the normalised weights, in [0, 1).
     dropout_rng: PRNG key for dropout. Without it (or with rate 0 or
       ``deterministic=True``) no dropout is applied.
     deterministic: None: dropout iff a key is given. False with a rate > 0
       and no key is an error.
-    implementation: None (auto: ``'cudnn'`` on a GPU for fp16/bf16 inputs
-      without dropout, segment ids or soft-cap, with V == D <= 128, a
-      multiple of 8; else ``'flash'``), ``'flash'`` (blockwise, O(T + S)
+    implementation: None (auto: ``'cudnn'`` where it can take the call, on
+      an NVIDIA GPU; else ``'flash'``), ``'flash'`` (blockwise, O(T + S)
       memory, custom VJP), ``'reference'`` (the plain single-head function
-      vmapped over heads), ``'xla'`` or ``'cudnn'`` (``jax.nn``).
+      vmapped over heads), ``'xla'`` or ``'cudnn'`` (``jax.nn``). A kernel
+      that cannot take the call raises a ValueError that says why.
     block_sizes: flash's (query, key) block sizes; default by backend
       (512 x 256 on CPU), shrunk to short sequences.
     return_residual: also return the rows' log-sum-exp of the logits, as
@@ -101,21 +85,7 @@ def dot_product_attention(
     pair ``(out, lse)``: ``lse [B..., T, H]`` in the query's dtype, without
     gradient (``-inf`` for rows with nothing to attend to).
   """
-  opts = _options.make_options(
-    scale=scale,
-    is_causal=is_causal,
-    local_window_size=local_window_size,
-    logits_soft_cap=logits_soft_cap,
-    dropout_rate=dropout_rate,
-    dropout_rng=dropout_rng,
-    deterministic=deterministic,
-    implementation=implementation,
-    block_sizes=block_sizes,
-    return_residual=return_residual,
-  )
-  arrays = _prepare.SequenceArrays(
-    query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids
-  )
+  arrays, opts = _prepare.split_arguments(locals())
   return _attention_jit(query, key, value, bias, mask, arrays, dropout_rng, opts)
 
 
@@ -126,24 +96,7 @@ def _attention_jit(query, key, value, bias, mask, arrays, dropout_rng, opts):
     out = jnp.zeros(p.batch_shape + query.shape[-3:-1] + value.shape[-1:], query.dtype)
     lse = jnp.full(out.shape[:-1], -jnp.inf, query.dtype)
     return (out, lse) if opts.return_residual else out
-  implementation = choose_implementation(p, opts.implementation)
-  if implementation in ('xla', 'cudnn'):
-    out, lse = _xla.attention(p, implementation)
-  elif implementation == 'flash':
-    out, lse = _flash.attention(p, opts.block_sizes)
-  else:
-    head_fn = functools.partial(_reference.head_attention, p.opts)
-    out, lse = _core.map_heads(
-      lambda q, k, v, b, m, c: head_fn(c, q, k, v, b, m),
-      p.q,
-      p.k,
-      p.v,
-      p.bias,
-      p.mask,
-      p.ctx,
-      out_axis=1,
-    )
-    lse = lse.reshape(lse.shape[:2] + (-1,))  # [B, T, K, G] -> [B, T, H]
+  out, lse = _registry.select(p)(p)
   out = out.reshape(p.batch_shape + query.shape[-3:-1] + (p.v.shape[-1],))
   if not opts.return_residual:
     return out
@@ -163,6 +116,8 @@ def attention_weights(
   q_segment_ids=None,
   kv_segment_ids=None,
   local_window_size: int | tuple[int, int] | None = None,
+  attention_chunk_size: int | None = None,
+  prefix_lengths=None,
   logits_soft_cap: float | None = None,
   dropout_rate: float = 0.0,
   dropout_rng=None,
@@ -174,18 +129,7 @@ def attention_weights(
   rows with nothing to attend to are zero. Materialises ``[T, S]``: use it to
   inspect and plot, not inside a model.
   """
-  opts = _options.make_options(
-    scale=scale,
-    is_causal=is_causal,
-    local_window_size=local_window_size,
-    logits_soft_cap=logits_soft_cap,
-    dropout_rate=dropout_rate,
-    dropout_rng=dropout_rng,
-    deterministic=deterministic,
-  )
-  arrays = _prepare.SequenceArrays(
-    query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids
-  )
+  arrays, opts = _prepare.split_arguments(locals())
   return _weights_jit(query, key, bias, mask, arrays, dropout_rng, opts)
 
 
@@ -194,16 +138,5 @@ def _weights_jit(query, key, bias, mask, arrays, dropout_rng, opts):
   p = _prepare.prepare(query, key, None, bias, mask, arrays, dropout_rng, opts)
   if p.empty:
     return jnp.zeros(p.batch_shape + (query.shape[-2], query.shape[-3], key.shape[-3]))
-  head_fn = functools.partial(_reference.head_weights, p.opts)
-  weights = _core.map_heads(
-    lambda q, k, v, b, m, c: head_fn(c, q, k, b, m),
-    p.q,
-    p.k,
-    p.k,
-    p.bias,
-    p.mask,
-    p.ctx,
-    out_axis=0,
-  )  # [B, K, G, T, S]
-  heads = query.shape[-2]
-  return weights.reshape(p.batch_shape + (heads,) + weights.shape[-2:])
+  weights = _reference.weights(p)  # [B, H, T, S]
+  return weights.reshape(p.batch_shape + weights.shape[1:])

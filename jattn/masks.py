@@ -40,6 +40,11 @@ def window_from_positions(q_pos: jnp.ndarray, kv_pos: jnp.ndarray, window):
   return (offset >= -left) & (offset <= right)
 
 
+def chunk_from_positions(q_pos: jnp.ndarray, kv_pos: jnp.ndarray, chunk_size: int):
+  """Query ``i`` sees keys of its own chunk: ``i // C == j // C``."""
+  return (q_pos[:, None] // chunk_size) == (kv_pos[None, :] // chunk_size)
+
+
 def causal_mask(q_len: int, kv_len: int) -> jnp.ndarray:
   """``[T, S]`` top-left causal mask (like ``jax.nn`` and PyTorch SDPA)."""
   q_len, kv_len = as_int(q_len, 'q_len', minimum=0), as_int(kv_len, 'kv_len', minimum=0)

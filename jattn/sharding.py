@@ -125,6 +125,8 @@ def ring_attention(
   query,
   key,
   value,
+  bias=None,
+  mask=None,
   *,
   mesh: Mesh,
   seq_axis: str = SEQ,
@@ -134,6 +136,8 @@ def ring_attention(
   q_segment_ids=None,
   kv_segment_ids=None,
   local_window_size=None,
+  attention_chunk_size=None,
+  prefix_lengths=None,
   scale: float | None = None,
   logits_soft_cap: float | None = None,
   dropout_rate: float = 0.0,
@@ -143,39 +147,21 @@ def ring_attention(
 ):
   """Sequence-parallel attention: T and S sharded over ``mesh[seq_axis]``.
 
-  Same arguments and result as ``jattn.dot_product_attention`` (no dense
-  ``mask``/``bias``). Batch and heads are also split over the mesh's ``data``
+  Same arguments and result as ``jattn.dot_product_attention``, except a
+  dense ``mask`` or ``bias`` (``[T, S]`` is not sequence-shardable: a
+  ``ValueError``). Batch and heads are also split over the mesh's ``data``
   and ``model`` axes when it has them and they divide B and both H and K.
   Causal attention runs in zig-zag order so every device does equal work.
   Any T and S work (padded inside to a multiple of the ring size; 2x for
   causal).
   """
-  from jattn import _options, _prepare, _ring
+  from jattn import _prepare, _ring
 
-  if seq_axis not in mesh.shape:
-    raise ValueError(
-      f'`mesh` has no axis {seq_axis!r} for the sequence; its axes are '
-      f'{tuple(mesh.shape)}.'
-    )
-  opts = _options.make_options(
-    scale=scale,
-    is_causal=is_causal,
-    local_window_size=local_window_size,
-    logits_soft_cap=logits_soft_cap,
-    dropout_rate=dropout_rate,
-    dropout_rng=dropout_rng,
-    deterministic=deterministic,
-    block_sizes=block_sizes,
-  )
-  arrays = _prepare.SequenceArrays(
-    query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids
-  )
-  p = _prepare.prepare(query, key, value, None, None, arrays, dropout_rng, opts)
-  out = _ring.attention(
-    p,
-    mesh,
-    seq_axis=seq_axis,
-    data_axis=DATA,
-    model_axis=MODEL,
-  )
+  arrays, opts = _prepare.split_arguments(locals())
+  p = _prepare.prepare(query, key, value, bias, mask, arrays, dropout_rng, opts)
+  ring = _ring.Ring(mesh, seq_axis=seq_axis, data_axis=DATA, model_axis=MODEL)
+  reasons = ring.supports(p)
+  if reasons:
+    raise ValueError(f'ring_attention cannot take this call: {"; ".join(reasons)}.')
+  out, _ = ring(p)
   return out.reshape(p.batch_shape + out.shape[1:])

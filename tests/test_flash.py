@@ -96,7 +96,7 @@ def test_default_implementation_is_flash_on_cpu():
   p = jattn._prepare.prepare(
     q, k, v, None, None, jattn._prepare.SequenceArrays(), None, jattn._options.Options()
   )
-  assert jattn.attention.choose_implementation(p, None) == 'flash'
+  assert jattn._registry.select(p).name == 'flash'
 
 
 @hypothesis.settings(max_examples=8, deadline=None)

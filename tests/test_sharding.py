@@ -157,12 +157,15 @@ def test_ring_bfloat16_window_and_dropout():
 
 def test_ring_rejects_dense_masks_and_missing_axis():
   q, k, v = helpers.qkv(0, q_len=16, kv_len=16)
-  with pytest.raises(ValueError, match="no axis 'seq'"):
+  with pytest.raises(ValueError, match="without the sequence axis 'seq'"):
     sharding.ring_attention(q, k, v, mesh=sharding.make_mesh({'data': 8}))
-  with pytest.raises(TypeError):
-    sharding.ring_attention(
-      q, k, v, jnp.ones((16, 16), bool), mesh=sharding.make_mesh({'seq': 8})
-    )
+  mesh = sharding.make_mesh({'seq': 8})
+  with pytest.raises(ValueError, match=r'dense `mask` or `bias`'):
+    sharding.ring_attention(q, k, v, mask=jnp.ones((16, 16), bool), mesh=mesh)
+  with pytest.raises(ValueError, match=r'dense `mask` or `bias`'):
+    sharding.ring_attention(q, k, v, jnp.zeros((16, 16)), mesh=mesh)
+  with pytest.raises(ValueError, match='T=16 != S=7'):
+    sharding.ring_attention(q, k[:, :7], v[:, :7], is_causal=True, mesh=mesh)
 
 
 @pytest.mark.parametrize('causal, bound', [(False, 0.25), (True, 0.30)])

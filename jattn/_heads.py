@@ -1,0 +1,77 @@
+"""Heads by ``jax.vmap``: a single-head, unbatched kernel applied to all heads.
+
+A kernel's head function takes ``q [T, D]``, ``k [S, D]``, ``v [S, V]``, a
+bias ``[T|1, S|1]`` (or None), the head's ``Visibility`` and its dropout seed;
+``map_heads`` vmaps it over query heads within a KV group, over KV heads and
+over the batch. Query head h reads KV head ``h // G``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jattn._visibility import Visibility
+
+
+def _split_heads(x, batch: int, num_kv: int, groups: int):
+  """``[B|1, H|1, T, S]`` -> (array, batch axis, head axis) for the vmaps."""
+  if x is None:
+    return None, None, None
+  batch_axis = 0 if x.shape[0] == batch and batch > 1 else None
+  if batch_axis is None:
+    x = x[0]
+  if x.shape[-3] == 1:
+    return x[..., 0, :, :], batch_axis, None
+  return x.reshape(x.shape[:-3] + (num_kv, groups) + x.shape[-2:]), batch_axis, 0
+
+
+def map_heads(head_fn, q, k, v, bias, vis: Visibility, seed, *, out_axis, per_head=()):
+  """Apply ``head_fn(q, k, v, bias, vis, seed, *extra)`` to every head.
+
+  q [B, T, H, D], k [B, S, K, D], v [B, S, K, V]; bias [B|1, H|1, T, S] or
+  None; ``vis`` batched as its docstring says; seed [B, H] or None; each of
+  ``per_head`` is a pytree of [B, K, G, ...]. The head's results gain axes
+  (K, G) at ``out_axis``; the batch axis is prepended.
+  """
+  batch, _, num_heads, _ = q.shape
+  num_kv = k.shape[2]
+  groups = num_heads // num_kv
+  # Heads first inside ([B, K, G, T, D]): each head's rows are contiguous,
+  # which is what the per-head matmuls want (notably on CPU).
+  q = jnp.moveaxis(q.reshape(q.shape[:2] + (num_kv, groups, q.shape[-1])), 1, 3)
+  k, v = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)
+  bias, bias_b, bias_h = _split_heads(bias, batch, num_kv, groups)
+  mask, mask_b, mask_h = _split_heads(vis.mask, batch, num_kv, groups)
+  vis = vis.replace(mask=mask)
+  if seed is not None:
+    seed = seed.reshape((batch, num_kv, groups))
+
+  def axes(batch_axis, head_axis):
+    """``vis``'s in_axes: per-sequence arrays over batch, the mask as split,
+    offsets shared."""
+    per_sequence = ('q_len', 'kv_len', 'prefix', 'q_seg', 'kv_seg')
+    return vis.replace(
+      **{n: None if getattr(vis, n) is None else batch_axis for n in per_sequence},
+      mask=None if mask is None else head_axis,
+      q_offset=None,
+      kv_offset=None,
+    )
+
+  def one_head(q, k, v, bias, vis, seed, extra):
+    return head_fn(q, k, v, bias, vis, seed, *extra)
+
+  over_groups = jax.vmap(
+    one_head,
+    in_axes=(0, None, None, bias_h, axes(None, mask_h), 0, 0),
+    out_axes=out_axis,
+  )
+  over_kv = jax.vmap(
+    over_groups,
+    in_axes=(0, 0, 0, bias_h, axes(None, mask_h), 0, 0),
+    out_axes=out_axis,
+  )
+  over_batch = jax.vmap(
+    over_kv, in_axes=(0, 0, 0, bias_b, axes(0, mask_b), 0, 0), out_axes=0
+  )
+  return over_batch(q, k, v, bias, vis, seed, tuple(per_head))

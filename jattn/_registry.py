@@ -1,0 +1,34 @@
+"""Which kernel takes a call: one registry, one contract.
+
+A kernel has a ``name``, ``supports(p) -> reasons`` (an empty list when it
+can take the prepared call ``p``) and ``__call__(p) -> (out [B, T, H, V],
+lse [B, T, H])``. The automatic choice is the first kernel of ``AUTO`` that
+supports the call; an explicit choice that cannot take it is a ``ValueError``
+quoting its reasons.
+"""
+
+from __future__ import annotations
+
+from jattn._flash import Flash
+from jattn._prepare import Prepared
+from jattn._reference import Reference
+from jattn._xla import Xla
+
+KERNELS = {k.name: k for k in (Flash(), Reference(), Xla('xla'), Xla('cudnn'))}
+# cuDNN where it fits (an NVIDIA GPU, half precision, ...), else flash.
+AUTO = ('cudnn', 'flash')
+
+
+def select(p: Prepared):
+  """The kernel for ``p`` (``p.opts.implementation`` None: automatic)."""
+  name = p.opts.implementation
+  if name is None:
+    return next(KERNELS[n] for n in AUTO if not KERNELS[n].supports(p))
+  reasons = KERNELS[name].supports(p)
+  if reasons:
+    others = [n for n, k in KERNELS.items() if n != name and not k.supports(p)]
+    raise ValueError(
+      f'implementation={name!r} cannot take this call: {"; ".join(reasons)}. '
+      f'These can: {others} (or None for the automatic choice).'
+    )
+  return KERNELS[name]

@@ -1,0 +1,259 @@
+"""Who may attend: one value that every kernel asks, and none re-derives.
+
+Query row ``i`` and key column ``j`` have global positions ``q_offset + i``
+and ``kv_offset + j`` (non-zero for a ring step or a chunk of a longer
+sequence). Row ``r`` may see column ``c`` when every one of these holds:
+
+  causal (top-left)   c <= r, or c < prefix_length (prefix-LM)
+  window (l, r)       r - left <= c <= r + right
+  chunk C             r // C == c // C
+  lengths             r < q_len and c < kv_len
+  real keys           c < kv_size, and local column < kv_extent (hide the
+                      padding of a ring and of a kernel's blocks)
+  segments            q_seg[r] == kv_seg[c]
+  dense mask          mask[r, c]
+
+``elements`` answers for any block of rows and columns; ``kv_blocks`` says
+which key blocks a query block sees, split into *partial* blocks (test each
+element) and *full* blocks (every element visible, no test); ``q_blocks`` is
+the transpose for the backward. Block ranges come from the position rules
+alone; segments and a dense mask make every visited block partial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jattn import masks
+
+# Stands for an unbounded position (well inside int32).
+_FAR = 2**29
+
+_DATA = (
+  'q_len',
+  'kv_len',
+  'prefix',
+  'q_seg',
+  'kv_seg',
+  'mask',
+  'q_offset',
+  'kv_offset',
+)
+_META = ('is_causal', 'window', 'chunk_size', 'kv_size', 'kv_extent')
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=_DATA, meta_fields=_META
+)
+@dataclasses.dataclass(frozen=True)
+class Visibility:
+  """Static rules and per-sequence arrays (one head inside ``map_heads``).
+
+  Outside ``map_heads`` the arrays carry a batch axis: lengths and prefix
+  ``[B]``, ``q_seg [B, T]``, ``kv_seg [B, S]``, ``mask [B|1, H|1, T|1, S|1]``.
+  Inside, ``mask`` is ``[T|1, S|1]``. Offsets are scalars (None = 0).
+  """
+
+  is_causal: bool = False
+  window: tuple[int, int] | None = None
+  chunk_size: int | None = None
+  kv_size: int | None = None
+  kv_extent: int | None = None
+  q_len: jax.Array | None = None
+  kv_len: jax.Array | None = None
+  prefix: jax.Array | None = None
+  q_seg: jax.Array | None = None
+  kv_seg: jax.Array | None = None
+  mask: jax.Array | None = None
+  q_offset: jax.Array | None = None
+  kv_offset: jax.Array | None = None
+
+  replace = dataclasses.replace
+
+  @property
+  def _q_start(self):
+    return 0 if self.q_offset is None else self.q_offset
+
+  @property
+  def _kv_start(self):
+    return 0 if self.kv_offset is None else self.kv_offset
+
+  @property
+  def elementwise(self) -> bool:
+    """Whether visibility depends on more than positions (no full blocks)."""
+    return self.mask is not None or self.q_seg is not None
+
+  def positions(self, r0, c0, rows: int, cols: int):
+    """Global positions ``[rows], [cols]`` of a block at local ``(r0, c0)``."""
+    return (
+      self._q_start + r0 + jnp.arange(rows),
+      self._kv_start + c0 + jnp.arange(cols),
+    )
+
+  def elements(self, r0, c0, rows: int, cols: int):
+    """``[rows, cols]`` bool for the block at local ``(r0, c0)``; None when
+    everything is visible (callers skip the select)."""
+    q_pos, kv_pos = self.positions(r0, c0, rows, cols)
+    conditions = []
+    if self.is_causal:
+      causal = masks.causal_from_positions(q_pos, kv_pos)
+      if self.prefix is not None:
+        causal = causal | (kv_pos < self.prefix)[None, :]
+      conditions.append(causal)
+    if self.window is not None:
+      conditions.append(masks.window_from_positions(q_pos, kv_pos, self.window))
+    if self.chunk_size is not None:
+      conditions.append(masks.chunk_from_positions(q_pos, kv_pos, self.chunk_size))
+    if self.q_len is not None:
+      conditions.append((q_pos < self.q_len)[:, None])
+    if self.kv_len is not None:
+      conditions.append((kv_pos < self.kv_len)[None, :])
+    if self.kv_size is not None:
+      conditions.append((kv_pos < self.kv_size)[None, :])
+    if self.kv_extent is not None:
+      conditions.append((c0 + jnp.arange(cols) < self.kv_extent)[None, :])
+    if self.q_seg is not None:
+      q_seg = lax.dynamic_slice_in_dim(self.q_seg, r0, rows)
+      kv_seg = lax.dynamic_slice_in_dim(self.kv_seg, c0, cols)
+      conditions.append(q_seg[:, None] == kv_seg[None, :])
+    if self.mask is not None:
+      conditions.append(logits_block(self.mask, r0, c0, rows, cols))
+    return masks.combine_masks(*conditions)
+
+  def rows_with_keys(self, q_size: int, kv_size: int):
+    """``[T]`` bool: the rows that see at least one key."""
+    visible = self.elements(0, 0, q_size, kv_size)
+    if visible is None:
+      return jnp.ones((q_size,), bool)
+    return jnp.broadcast_to(visible, (q_size, kv_size)).any(axis=-1)
+
+  @property
+  def _key_limits(self):
+    """Global bounds on visible columns: lengths, real keys, local extent."""
+    extent = None if self.kv_extent is None else self._kv_start + self.kv_extent
+    return [x for x in (self.kv_len, self.kv_size, extent) if x is not None]
+
+  def pad(self, rows: int, cols: int, kv_extent: int) -> Visibility:
+    """Padded to ``rows`` x ``cols`` local rows and columns (a kernel's whole
+    blocks) from ``kv_extent`` real columns: segment ids and mask padded,
+    padded columns hidden."""
+    pad = lambda x, axis, size: x if x is None else _pad_axis(x, axis, size)
+    mask = self.mask
+    if mask is not None:
+      mask = mask if mask.shape[0] == 1 else _pad_axis(mask, 0, rows)
+      mask = mask if mask.shape[1] == 1 else _pad_axis(mask, 1, cols)
+    extent = self.kv_extent if cols == kv_extent else kv_extent
+    return self.replace(
+      q_seg=pad(self.q_seg, 0, rows),
+      kv_seg=pad(self.kv_seg, 0, cols),
+      mask=mask,
+      kv_extent=extent,
+    )
+
+  # -- block ranges: each rule gives an interval of visible positions and an
+  # interval of positions visible to the whole block; they intersect.
+
+  def kv_blocks(self, i, bq: int, bk: int, num_blocks: int):
+    """Key blocks of query block ``i``: ``(lo, full_lo, full_hi, hi)``.
+
+    ``[lo, hi)`` may hold visible elements; within it ``[full_lo, full_hi)``
+    are visible throughout; the rest are partial.
+    """
+    first = self._q_start + i * bq  # global rows first..last
+    last = first + bq - 1
+    seen, full = [], []  # (min, max) column intervals
+    if self.is_causal:
+      prefix_end = -_FAR if self.prefix is None else self.prefix - 1
+      seen.append((-_FAR, jnp.maximum(last, prefix_end)))
+      full.append((-_FAR, jnp.maximum(first, prefix_end)))
+    if self.window is not None:
+      left, right = (min(w, _FAR) for w in self.window)
+      seen.append((first - left, last + right))
+      full.append((last - left, first + right))
+    if self.chunk_size is not None:
+      size = self.chunk_size
+      seen.append((first // size * size, last // size * size + size - 1))
+      one_chunk = first // size == last // size
+      full.append(
+        _where(one_chunk, (first // size * size, first // size * size + size - 1))
+      )
+    for limit in self._key_limits:
+      seen.append((-_FAR, limit - 1))
+      full.append((-_FAR, limit - 1))
+    if self.q_len is not None:
+      seen.append(_where(first < self.q_len, (-_FAR, _FAR)))
+      full.append(_where(last < self.q_len, (-_FAR, _FAR)))
+    return _block_range(seen, full, self.elementwise, self._kv_start, bk, num_blocks)
+
+  def q_blocks(self, j, bq: int, bk: int, num_blocks: int):
+    """Query blocks that see key block ``j``: ``(lo, full_lo, full_hi, hi)``."""
+    first = self._kv_start + j * bk  # global columns first..last
+    last = first + bk - 1
+    seen, full = [], []  # (min, max) row intervals
+    if self.is_causal:
+      prefix = -_FAR if self.prefix is None else self.prefix
+      seen.append((jnp.where(first < prefix, -_FAR, first), _FAR))
+      full.append((jnp.where(last < prefix, -_FAR, last), _FAR))
+    if self.window is not None:
+      left, right = (min(w, _FAR) for w in self.window)
+      seen.append((first - right, last + left))
+      full.append((last - right, first + left))
+    if self.chunk_size is not None:
+      size = self.chunk_size
+      seen.append((first // size * size, last // size * size + size - 1))
+      one_chunk = first // size == last // size
+      full.append(
+        _where(one_chunk, (first // size * size, first // size * size + size - 1))
+      )
+    if self.q_len is not None:
+      seen.append((-_FAR, self.q_len - 1))
+      full.append((-_FAR, self.q_len - 1))
+    for limit in self._key_limits:
+      seen.append(_where(first < limit, (-_FAR, _FAR)))
+      full.append(_where(last < limit, (-_FAR, _FAR)))
+    return _block_range(seen, full, self.elementwise, self._q_start, bq, num_blocks)
+
+
+def _where(condition, interval):
+  """``interval`` where ``condition`` holds, else the empty interval."""
+  low, high = interval
+  return jnp.where(condition, low, _FAR), jnp.where(condition, high, -_FAR)
+
+
+def _block_range(seen, full, elementwise: bool, start, size: int, count: int):
+  """Position intervals -> ``(lo, full_lo, full_hi, hi)`` block indices."""
+  low = functools.reduce(jnp.maximum, [lo for lo, _ in seen], -_FAR)
+  high = functools.reduce(jnp.minimum, [hi for _, hi in seen], _FAR)
+  lo = jnp.clip((low - start) // size, 0, count)
+  hi = jnp.clip((high - start) // size + 1, lo, count)
+  if elementwise:
+    return lo, hi, hi, hi
+  full_low = functools.reduce(jnp.maximum, [lo for lo, _ in full], -_FAR)
+  full_high = functools.reduce(jnp.minimum, [hi for _, hi in full], _FAR)
+  full_lo = jnp.clip(-((start - full_low) // size), lo, hi)
+  full_hi = jnp.clip((full_high - start + 1) // size, full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+def _pad_axis(x, axis: int, size: int):
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def logits_block(x, r0, c0, rows: int, cols: int):
+  """The ``[rows|1, cols|1]`` block of a ``[T|1, S|1]`` bias or mask at
+  ``(r0, c0)`` (a broadcast dim of 1 stays 1); None stays None."""
+  if x is None:
+    return None
+  t, s = x.shape
+  return lax.dynamic_slice(
+    x,
+    (r0 if t > 1 else 0, c0 if s > 1 else 0),
+    (rows if t > 1 else 1, cols if s > 1 else 1),
+  )

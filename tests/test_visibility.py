@@ -1,0 +1,205 @@
+"""The visibility value: its block ranges against its own elements, and the
+new rules (chunked and prefix-LM attention) in every kernel."""
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from jattn import sharding, testing
+from jattn._visibility import Visibility
+from tests import helpers
+
+
+def dense(vis, t, s):
+  visible = vis.elements(0, 0, t, s)
+  return np.ones((t, s), bool) if visible is None else np.broadcast_to(visible, (t, s))
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+  t=st.integers(1, 40),
+  s=st.integers(1, 40),
+  bq=st.sampled_from([4, 8]),
+  bk=st.sampled_from([4, 8, 16]),
+  causal=st.booleans(),
+  window=st.one_of(st.none(), st.tuples(st.integers(0, 9), st.integers(0, 9))),
+  chunk=st.one_of(st.none(), st.integers(1, 12)),
+  prefix=st.one_of(st.none(), st.integers(0, 20)),
+  q_len=st.one_of(st.none(), st.integers(0, 40)),
+  kv_len=st.one_of(st.none(), st.integers(0, 40)),
+  offsets=st.tuples(st.integers(0, 16), st.integers(0, 16)),
+)
+def test_block_ranges_agree_with_elements(
+  t, s, bq, bk, causal, window, chunk, prefix, q_len, kv_len, offsets
+):
+  """Blocks outside [lo, hi) hold no visible element; blocks in
+  [full_lo, full_hi) are visible throughout; both directions."""
+  vis = Visibility(
+    is_causal=causal,
+    window=window,
+    chunk_size=chunk,
+    kv_size=offsets[1] + s - 3,  # the last keys are a ring's padding
+    kv_extent=s - 1,  # and the very last a kernel's
+    q_len=None if q_len is None else jnp.asarray(q_len),
+    kv_len=None if kv_len is None else jnp.asarray(kv_len),
+    prefix=None if prefix is None or not causal else jnp.asarray(prefix),
+    q_offset=jnp.asarray(offsets[0]),
+    kv_offset=jnp.asarray(offsets[1]),
+  )
+  nq, nk = -(-t // bq), -(-s // bk)
+  visible = np.zeros((nq * bq, nk * bk), bool)
+  visible[:t, :s] = dense(vis, t, s)
+  blocks = visible.reshape(nq, bq, nk, bk).transpose(0, 2, 1, 3)  # [nq, nk, bq, bk]
+  for i in range(nq):
+    lo, full_lo, full_hi, hi = (int(x) for x in vis.kv_blocks(i, bq, bk, nk))
+    assert 0 <= lo <= full_lo <= full_hi <= hi <= nk
+    rows = min(bq, t - i * bq)
+    for j in range(nk):
+      if not lo <= j < hi:
+        assert not blocks[i, j].any(), (i, j)
+      if full_lo <= j < full_hi:
+        assert blocks[i, j, :rows, : min(bk, s - j * bk)].all(), (i, j)
+  for j in range(nk):
+    lo, full_lo, full_hi, hi = (int(x) for x in vis.q_blocks(j, bq, bk, nq))
+    assert 0 <= lo <= full_lo <= full_hi <= hi <= nq
+    for i in range(nq):
+      if not lo <= i < hi:
+        assert not blocks[i, j].any(), (i, j)
+      if full_lo <= i < full_hi:
+        assert blocks[i, j, : min(bq, t - i * bq), : min(bk, s - j * bk)].all()
+
+
+def chunk_mask(t, s, size):
+  return (np.arange(t)[:, None] // size) == (np.arange(s)[None, :] // size)
+
+
+def prefix_mask(t, s, prefixes):
+  causal = np.arange(t)[:, None] >= np.arange(s)[None, :]
+  inside = np.arange(s)[None, None, :] < np.asarray(prefixes)[:, None, None]
+  return (causal[None] | inside)[:, None]  # [B, 1, T, S]
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_chunked_attention_is_its_mask(causal):
+  q, k, v = helpers.qkv(1, q_len=19, kv_len=19)
+  mask = chunk_mask(19, 19, 5) & (np.tri(19, dtype=bool) if causal else True)
+  expected = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask))
+  for implementation in (None, 'flash', 'reference'):
+    got = jattn.dot_product_attention(
+      q, k, v, attention_chunk_size=5, is_causal=causal, implementation=implementation
+    )
+    testing.assert_trees_close(got, expected, jnp.float32)
+
+
+def test_prefix_lm_is_its_mask():
+  q, k, v = helpers.qkv(2, q_len=13, kv_len=13)
+  prefixes = jnp.array([4, 0])
+  expected = jax.nn.dot_product_attention(q, k, v, mask=prefix_mask(13, 13, prefixes))
+  for implementation in (None, 'flash', 'reference'):
+    got = jattn.dot_product_attention(
+      q, k, v, is_causal=True, prefix_lengths=prefixes, implementation=implementation
+    )
+    testing.assert_trees_close(got, expected, jnp.float32)
+
+
+COMBINATIONS = {
+  'chunk': dict(attention_chunk_size=7),
+  'chunk causal': dict(attention_chunk_size=7, is_causal=True),
+  'chunk causal lengths': dict(
+    attention_chunk_size=6,
+    is_causal=True,
+    query_seq_lengths=jnp.array([29, 11]),
+    key_value_seq_lengths=jnp.array([20, 31]),
+  ),
+  'chunk window': dict(attention_chunk_size=16, local_window_size=(5, 2)),
+  'chunk segments': dict(
+    attention_chunk_size=9,
+    q_segment_ids=jnp.repeat(
+      jnp.array([[0, 1, 2], [0, 0, 1]]), jnp.array([9, 13, 9]), axis=1
+    ),
+  ),
+  'prefix': dict(is_causal=True, prefix_lengths=jnp.array([12, 3])),
+  'prefix lengths': dict(
+    is_causal=True,
+    prefix_lengths=jnp.array([30, 9]),
+    key_value_seq_lengths=jnp.array([25, 31]),
+  ),
+  'prefix window': dict(
+    is_causal=True, prefix_lengths=jnp.array([10, 17]), local_window_size=(6, 0)
+  ),
+  'prefix chunk segments': dict(
+    is_causal=True,
+    prefix_lengths=jnp.array([5, 20]),
+    attention_chunk_size=12,
+    q_segment_ids=jnp.repeat(jnp.array([[0, 1], [3, 3]]), jnp.array([14, 17]), axis=1),
+  ),
+}
+
+
+@pytest.mark.parametrize('name', sorted(COMBINATIONS))
+def test_flash_matches_reference_values_and_grads(name):
+  q, k, v = helpers.qkv(3, q_len=31, kv_len=31, heads=4, kv_heads=2)
+  testing.assert_implementations_agree(
+    q,
+    k,
+    v,
+    implementations=('reference', 'flash'),
+    block_sizes=(8, 8),
+    **COMBINATIONS[name],
+  )
+
+
+def test_gradient_receptive_field_of_a_prefix():
+  """Output row i depends on key j iff j <= i or j < prefix."""
+  q, k, v = helpers.qkv(4, batch=(1,), q_len=12, kv_len=12, heads=1, kv_heads=1)
+  f = lambda k: jattn.dot_product_attention(
+    q, k, v, is_causal=True, prefix_lengths=jnp.array([5]), block_sizes=(4, 4)
+  )
+  for i in (2, 7):
+    grad = jax.grad(lambda k, i=i: f(k)[0, i].sum())(k)
+    touched = np.asarray(jnp.abs(grad[0, :, 0]).sum(-1) > 0)
+    np.testing.assert_array_equal(touched, (np.arange(12) <= i) | (np.arange(12) < 5))
+
+
+@pytest.mark.parametrize('mesh_shape', [{'seq': 4}, {'data': 2, 'seq': 4}])
+@pytest.mark.parametrize(
+  'options',
+  [
+    dict(is_causal=True, attention_chunk_size=10),
+    dict(attention_chunk_size=12),
+    dict(is_causal=True, prefix_lengths=jnp.array([9, 26])),
+  ],
+  ids=['chunked causal', 'chunked', 'prefix'],
+)
+def test_ring_matches_reference(mesh_shape, options):
+  mesh = sharding.make_mesh(
+    mesh_shape, devices=jax.devices()[: np.prod(list(mesh_shape.values()))]
+  )
+  q, k, v = helpers.qkv(5, q_len=37, kv_len=37, heads=4, kv_heads=2)
+  testing.assert_functions_agree(
+    lambda q, k, v: sharding.ring_attention(
+      q, k, v, mesh=mesh, block_sizes=(8, 8), **options
+    ),
+    lambda q, k, v: jattn.dot_product_attention(
+      q, k, v, implementation='reference', **options
+    ),
+    q,
+    k,
+    v,
+  )
+
+
+def test_new_options_are_checked():
+  q, k, v = helpers.qkv(6)
+  with pytest.raises(ValueError, match='attention_chunk_size'):
+    jattn.dot_product_attention(q, k, v, attention_chunk_size=0)
+  with pytest.raises(ValueError, match=r'prefix_lengths.*is_causal'):
+    jattn.dot_product_attention(q, k, v, prefix_lengths=jnp.array([1, 2]))
+  with pytest.raises(ValueError, match='prefix_lengths'):
+    jattn.dot_product_attention(q, k, v, is_causal=True, prefix_lengths=jnp.array([1]))
+  with pytest.raises(ValueError, match=r"'xla' cannot take.*attention_chunk_size"):
+    jattn.dot_product_attention(q, k, v, attention_chunk_size=2, implementation='xla')
