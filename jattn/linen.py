@@ -7,6 +7,7 @@ Declares the parameters with ``self.param`` (same names and shapes as
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -20,11 +21,12 @@ from jattn import _options, multihead
 class MultiHeadAttention(nn.Module):
   """Multi-head attention; E and E_kv are read from the inputs.
 
-  Attributes: num_heads (H), head_dim (D, default E // H), num_kv_heads
-  (K, default H), value_head_dim (V, default D), out_features (F, default E),
-  use_bias, dtype (compute; default widest of inputs and parameters),
-  param_dtype, initialisers, dropout_rate, deterministic, implementation.
-  Dropout draws from the ``'dropout'`` rng collection.
+  Attributes: num_heads (H) and the rest of
+  ``jattn.multihead.Hyperparameters`` (head_dim D, num_kv_heads K,
+  value_head_dim V, out_features F, use_bias, param_dtype, initialisers);
+  dtype (compute; default widest of inputs and parameters), dropout_rate,
+  deterministic, implementation. Dropout draws from the ``'dropout'`` rng
+  collection.
   """
 
   num_heads: int
@@ -33,11 +35,11 @@ class MultiHeadAttention(nn.Module):
   value_head_dim: int | None = None
   out_features: int | None = None
   use_bias: bool = True
-  dtype: Any = None
   param_dtype: Any = jnp.float32
-  kernel_init: Any = jax.nn.initializers.lecun_normal()
+  kernel_init: Any = multihead.LECUN_NORMAL
   out_kernel_init: Any = None
   bias_init: Any = jax.nn.initializers.zeros
+  dtype: Any = None
   dropout_rate: float = 0.0
   deterministic: bool | None = None
   implementation: str | None = None
@@ -65,30 +67,13 @@ class MultiHeadAttention(nn.Module):
   ):
     """``[B..., T, E] -> [B..., T, F]``; options as in ``dot_product_attention``."""
     kv_inputs = inputs_q if inputs_k is None else inputs_k
-    shapes = multihead.param_shapes(
-      inputs_q.shape[-1],
-      self.num_heads,
-      head_dim=self.head_dim,
-      num_kv_heads=self.num_kv_heads,
-      value_head_dim=self.value_head_dim,
-      out_features=self.out_features,
+    shape = multihead.Hyperparameters(
+      in_features=inputs_q.shape[-1],
       kv_features=kv_inputs.shape[-1],
-      use_bias=self.use_bias,
+      **{name: getattr(self, name) for name in HYPERPARAMETERS},
     )
     params = {
-      name: self.param(
-        name,
-        functools.partial(
-          multihead.init_projection,
-          shapes=shapes[name],
-          fan_in_axes=multihead.fan_in_axes(name),
-          param_dtype=self.param_dtype,
-          kernel_init=(self.out_kernel_init or self.kernel_init)
-          if name == 'out'
-          else self.kernel_init,
-          bias_init=self.bias_init,
-        ),
-      )
+      name: self.param(name, functools.partial(shape.init_projection, name))
       for name in multihead.PROJECTIONS
     }
     deterministic = (
@@ -112,3 +97,12 @@ class MultiHeadAttention(nn.Module):
       implementation=self.implementation,
       **attention_kwargs,
     )
+
+
+# The module's attributes that are hyper-parameters: all of them but the
+# features, which the inputs give (a test checks the two stay in step).
+HYPERPARAMETERS = tuple(
+  f.name
+  for f in dataclasses.fields(multihead.Hyperparameters)
+  if f.name not in ('in_features', 'kv_features')
+)

@@ -14,137 +14,144 @@ the shapes, so ``multi_head_attention`` needs no config object.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jattn import _checks
-from jattn._options import as_int
+from jattn._options import as_bool, as_int
 from jattn.attention import dot_product_attention
 
 Initializer = Callable[..., jnp.ndarray]
+LECUN_NORMAL = jax.nn.initializers.lecun_normal()  # Flax's default kernel init
 PROJECTIONS = ('query', 'key', 'value', 'out')
 
 
-def param_shapes(
-  in_features: int,
-  num_heads: int,
-  *,
-  head_dim: int | None = None,
-  num_kv_heads: int | None = None,
-  value_head_dim: int | None = None,
-  out_features: int | None = None,
-  kv_features: int | None = None,
-  use_bias: bool = True,
-) -> dict[str, dict[str, tuple[int, ...]]]:
-  """The shape of every parameter; defaults follow Flax (D = E // H, F = E)."""
-  positive = lambda value, name: (
-    None if value is None else as_int(value, name, minimum=1)
-  )
-  in_features = positive(in_features, 'in_features')
-  num_heads = positive(num_heads, 'num_heads')
-  head_dim = positive(head_dim, 'head_dim')
-  num_kv_heads = positive(num_kv_heads, 'num_kv_heads')
-  value_head_dim = positive(value_head_dim, 'value_head_dim')
-  out_features = positive(out_features, 'out_features')
-  kv_features = positive(kv_features, 'kv_features')
-  if head_dim is None:
-    if in_features % num_heads:
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+  """What fixes the parameter pytree, declared once: ``param_shapes``,
+  ``init_params``, ``jattn.nnx`` and ``jattn.linen`` all take these.
+
+  Defaults follow Flax: D = E // H, K = H, V = D, F = E, E_kv = E.
+  """
+
+  in_features: int  # E
+  num_heads: int  # H
+  head_dim: int | None = None  # D
+  num_kv_heads: int | None = None  # K (< H is GQA, 1 is MQA)
+  value_head_dim: int | None = None  # V
+  out_features: int | None = None  # F
+  kv_features: int | None = None  # E_kv, of the key/value inputs
+  use_bias: bool = True
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = LECUN_NORMAL
+  out_kernel_init: Initializer | None = None  # default kernel_init
+  bias_init: Initializer = jax.nn.initializers.zeros
+
+  def __post_init__(self):
+    for name in ('in_features', 'num_heads'):
+      as_int(getattr(self, name), name, minimum=1)
+    for name in ('head_dim', 'num_kv_heads', 'value_head_dim', 'out_features'):
+      if getattr(self, name) is not None:
+        as_int(getattr(self, name), name, minimum=1)
+    if self.kv_features is not None:
+      as_int(self.kv_features, 'kv_features', minimum=1)
+    as_bool(self.use_bias, 'use_bias')
+    if self.head_dim is None and self.in_features % self.num_heads:
       raise ValueError(
-        f'`in_features`={in_features} is not divisible by `num_heads`='
-        f'{num_heads}; pass `head_dim`.'
+        f'`in_features`={self.in_features} is not divisible by `num_heads`='
+        f'{self.num_heads}; pass `head_dim`.'
       )
-    head_dim = in_features // num_heads
-  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-  if num_heads % num_kv_heads:
-    raise ValueError(
-      f'`num_heads`={num_heads} must be a multiple of `num_kv_heads`={num_kv_heads}.'
+    if self.num_heads % (self.num_kv_heads or self.num_heads):
+      raise ValueError(
+        f'`num_heads`={self.num_heads} must be a multiple of `num_kv_heads`='
+        f'{self.num_kv_heads}.'
+      )
+
+  @classmethod
+  def of_params(cls, params, **initializers) -> Hyperparameters:
+    """The hyper-parameters of an existing pytree (read from its shapes)."""
+    _check_params(params)
+    in_features, heads, head_dim = params['query']['kernel'].shape
+    kv_features, kv_heads, value_dim = params['value']['kernel'].shape
+    return cls(
+      in_features,
+      heads,
+      head_dim=head_dim,
+      num_kv_heads=kv_heads,
+      value_head_dim=value_dim,
+      out_features=params['out']['kernel'].shape[-1],
+      kv_features=kv_features,
+      use_bias='bias' in params['query'],
+      **initializers,
     )
-  value_head_dim = head_dim if value_head_dim is None else value_head_dim
-  out_features = in_features if out_features is None else out_features
-  kv_features = in_features if kv_features is None else kv_features
-  kernels = {
-    'query': (in_features, num_heads, head_dim),
-    'key': (kv_features, num_kv_heads, head_dim),
-    'value': (kv_features, num_kv_heads, value_head_dim),
-    'out': (num_heads, value_head_dim, out_features),
-  }
-  shapes = {}
-  for name, kernel in kernels.items():
-    shapes[name] = {'kernel': kernel}
-    if use_bias:
-      shapes[name]['bias'] = kernel[-1:] if name == 'out' else kernel[1:]
-  return shapes
+
+  def shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The shape of every parameter (layout in the module docstring)."""
+    e, h = self.in_features, self.num_heads
+    d = self.head_dim or e // h
+    k, v = self.num_kv_heads or h, self.value_head_dim or d
+    e_kv = self.kv_features or e
+    kernels = {
+      'query': (e, h, d),
+      'key': (e_kv, k, d),
+      'value': (e_kv, k, v),
+      'out': (h, v, self.out_features or e),
+    }
+    shapes = {}
+    for name, kernel in kernels.items():
+      shapes[name] = {'kernel': kernel}
+      if self.use_bias:
+        shapes[name]['bias'] = kernel[-1:] if name == 'out' else kernel[1:]
+    return shapes
+
+  def init_projection(self, name: str, rng) -> dict[str, jnp.ndarray]:
+    """One projection's ``{'kernel', 'bias'}``; the fan-in is E (or H*V for
+    the out projection)."""
+    shapes = self.shapes()[name]
+    kernel_rng, bias_rng = jax.random.split(rng)
+    kernel_shape = shapes['kernel']
+    fan_in_axes = 2 if name == 'out' else 1
+    flat = (
+      math.prod(kernel_shape[:fan_in_axes]),
+      math.prod(kernel_shape[fan_in_axes:]),
+    )
+    init = self.kernel_init
+    if name == 'out' and self.out_kernel_init is not None:
+      init = self.out_kernel_init
+    params = {'kernel': init(kernel_rng, flat, self.param_dtype).reshape(kernel_shape)}
+    if 'bias' in shapes:
+      params['bias'] = self.bias_init(bias_rng, shapes['bias'], self.param_dtype)
+    return params
+
+  def init(self, rng) -> dict[str, dict[str, jnp.ndarray]]:
+    """A fresh parameter pytree."""
+    rngs = jax.random.split(rng, len(PROJECTIONS))
+    return {
+      name: self.init_projection(name, r)
+      for name, r in zip(PROJECTIONS, rngs, strict=True)
+    }
 
 
-def init_projection(
-  rng,
-  shapes: dict[str, tuple[int, ...]],
-  *,
-  fan_in_axes: int,
-  param_dtype=jnp.float32,
-  kernel_init: Initializer = jax.nn.initializers.lecun_normal(),
-  bias_init: Initializer = jax.nn.initializers.zeros,
-) -> dict[str, jnp.ndarray]:
-  """One projection's ``{'kernel', 'bias'}``; fan-in over the first axes."""
-  kernel_rng, bias_rng = jax.random.split(rng)
-  kernel_shape = shapes['kernel']
-  flat = (
-    math.prod(kernel_shape[:fan_in_axes]),
-    math.prod(kernel_shape[fan_in_axes:]),
-  )
-  params = {'kernel': kernel_init(kernel_rng, flat, param_dtype).reshape(kernel_shape)}
-  if 'bias' in shapes:
-    params['bias'] = bias_init(bias_rng, shapes['bias'], param_dtype)
-  return params
-
-
-def fan_in_axes(name: str) -> int:
-  """The out projection reads (H, V); the others read E."""
-  return 2 if name == 'out' else 1
+def param_shapes(
+  in_features: int, num_heads: int, **hyperparameters
+) -> dict[str, dict[str, tuple[int, ...]]]:
+  """The shape of every parameter; keywords as in ``Hyperparameters``."""
+  return Hyperparameters(in_features, num_heads, **hyperparameters).shapes()
 
 
 def init_params(
-  rng,
-  in_features: int,
-  num_heads: int,
-  *,
-  head_dim: int | None = None,
-  num_kv_heads: int | None = None,
-  value_head_dim: int | None = None,
-  out_features: int | None = None,
-  kv_features: int | None = None,
-  use_bias: bool = True,
-  param_dtype=jnp.float32,
-  kernel_init: Initializer = jax.nn.initializers.lecun_normal(),
-  out_kernel_init: Initializer | None = None,
-  bias_init: Initializer = jax.nn.initializers.zeros,
+  rng, in_features: int, num_heads: int, **hyperparameters
 ) -> dict[str, dict[str, jnp.ndarray]]:
-  """A fresh parameter pytree (layout in the module docstring)."""
-  shapes = param_shapes(
-    in_features,
-    num_heads,
-    head_dim=head_dim,
-    num_kv_heads=num_kv_heads,
-    value_head_dim=value_head_dim,
-    out_features=out_features,
-    kv_features=kv_features,
-    use_bias=use_bias,
-  )
-  rngs = dict(zip(PROJECTIONS, jax.random.split(rng, len(PROJECTIONS)), strict=True))
-  return {
-    name: init_projection(
-      rngs[name],
-      shapes[name],
-      fan_in_axes=fan_in_axes(name),
-      param_dtype=param_dtype,
-      kernel_init=(out_kernel_init or kernel_init) if name == 'out' else kernel_init,
-      bias_init=bias_init,
-    )
-    for name in PROJECTIONS
-  }
+  """A fresh parameter pytree (layout in the module docstring); keywords as
+  in ``Hyperparameters`` (head_dim, num_kv_heads, value_head_dim,
+  out_features, kv_features, use_bias, param_dtype, kernel_init,
+  out_kernel_init, bias_init)."""
+  return Hyperparameters(in_features, num_heads, **hyperparameters).init(rng)
 
 
 _LAYOUTS = {

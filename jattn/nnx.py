@@ -6,7 +6,8 @@ calls ``jattn.multihead.multi_head_attention``.
 
 from __future__ import annotations
 
-import jax
+import dataclasses
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -41,14 +42,14 @@ class MultiHeadAttention(nnx.Module):
 
   Args mirror ``flax.nnx.MultiHeadAttention`` where they overlap:
     num_heads: H. in_features: E.
-    head_dim: D (default E // H). num_kv_heads: K (default H; < H is GQA).
-    value_head_dim: V (default D). out_features: F (default E).
-    kv_features: E of the key/value inputs (default E).
     dtype: compute dtype (default: widest of inputs and parameters).
     dropout_rate, deterministic: dropout on the attention weights; draws keys
       from ``rngs.dropout`` unless ``rngs`` is passed to ``__call__``.
     implementation: as in ``jattn.dot_product_attention``.
     rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` if dropout is used).
+    **hyperparameters: the rest of ``jattn.multihead.Hyperparameters``
+      (head_dim D, num_kv_heads K, value_head_dim V, out_features F,
+      kv_features, use_bias, param_dtype and the initialisers).
   """
 
   def __init__(
@@ -56,21 +57,12 @@ class MultiHeadAttention(nnx.Module):
     num_heads: int,
     in_features: int,
     *,
-    head_dim: int | None = None,
-    num_kv_heads: int | None = None,
-    value_head_dim: int | None = None,
-    out_features: int | None = None,
-    kv_features: int | None = None,
-    use_bias: bool = True,
     dtype=None,
-    param_dtype=jnp.float32,
-    kernel_init=jax.nn.initializers.lecun_normal(),
-    out_kernel_init=None,
-    bias_init=jax.nn.initializers.zeros,
     dropout_rate: float = 0.0,
     deterministic: bool = False,
     implementation: str | None = None,
     rngs: nnx.Rngs,
+    **hyperparameters,
   ):
     if not isinstance(rngs, nnx.Rngs):
       raise TypeError(
@@ -84,22 +76,8 @@ class MultiHeadAttention(nnx.Module):
         f'dropout_rate={dropout_rate} needs a dropout stream: '
         'rngs=nnx.Rngs(params=..., dropout=...).'
       )
-    params = multihead.init_params(
-      rngs.params(),
-      in_features,
-      num_heads,
-      head_dim=head_dim,
-      num_kv_heads=num_kv_heads,
-      value_head_dim=value_head_dim,
-      out_features=out_features,
-      kv_features=kv_features,
-      use_bias=use_bias,
-      param_dtype=param_dtype,
-      kernel_init=kernel_init,
-      out_kernel_init=out_kernel_init,
-      bias_init=bias_init,
-    )
-    self._set_params(params)
+    shape = multihead.Hyperparameters(in_features, num_heads, **hyperparameters)
+    self._set_params(shape.init(rngs.params()))
     self.dtype = dtype
     self.dropout_rate = dropout_rate
     self.deterministic = deterministic
@@ -125,23 +103,17 @@ class MultiHeadAttention(nnx.Module):
     rngs: nnx.Rngs | None = None,
   ) -> MultiHeadAttention:
     """A module holding ``params`` (e.g. from ``jattn.linen`` or Flax linen)."""
-    multihead._check_params(params)
-    in_features, heads, head_dim = params['query']['kernel'].shape
-    kv_features, kv_heads, value_dim = params['value']['kernel'].shape
+    shape = multihead.Hyperparameters.of_params(params)
+    fields = {f.name: getattr(shape, f.name) for f in dataclasses.fields(shape)}
     module = cls(
-      heads,
-      in_features,
-      head_dim=head_dim,
-      num_kv_heads=kv_heads,
-      value_head_dim=value_dim,
-      kv_features=kv_features,
-      out_features=params['out']['kernel'].shape[-1],
-      use_bias='bias' in params['query'],
+      fields.pop('num_heads'),
+      fields.pop('in_features'),
       rngs=rngs or nnx.Rngs(0),
       dtype=dtype,
       dropout_rate=dropout_rate,
       deterministic=deterministic,
       implementation=implementation,
+      **fields,
     )
     module._set_params(params)  # replaces the fresh initialisation
     return module

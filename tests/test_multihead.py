@@ -1,5 +1,7 @@
 """The multi-head function and both wrappers against Flax's own modules."""
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -186,3 +188,22 @@ def test_pure_functions_vmap_and_pmap():
     x.reshape((8, 1) + x.shape[1:])
   )
   testing.assert_trees_close(pmapped.reshape(batched.shape), batched, jnp.float32)
+
+
+def test_wrappers_share_one_declaration_of_hyperparameters():
+  declared = dataclasses.fields(jattn.multihead.Hyperparameters)
+  linen_fields = {f.name: f for f in dataclasses.fields(jattn.linen.MultiHeadAttention)}
+  for field in declared:
+    if field.name in ('in_features', 'kv_features'):
+      continue  # linen reads them from the inputs
+    assert field.name in jattn.linen.HYPERPARAMETERS
+    assert linen_fields[field.name].default == field.default, field.name
+  x = inputs(length=3)
+  options = dict(head_dim=6, num_kv_heads=2, value_head_dim=5, out_features=7)
+  linen_params = jattn.linen.MultiHeadAttention(num_heads=H, **options).init(
+    jax.random.key(0), x
+  )['params']
+  nnx_params = jattn.nnx.MultiHeadAttention(H, E, rngs=nnx.Rngs(0), **options)
+  shapes = jattn.param_shapes(E, H, **options)
+  for tree in (linen_params, nnx_params.to_params()):
+    assert jax.tree.map(jnp.shape, tree) == shapes
