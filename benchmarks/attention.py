@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 import jattn
 from benchmarks import timing
+from jattn import testing
 
 B, H, D = 1, 8, 64
 
@@ -54,7 +55,7 @@ def measure_jax(fn, shape, dtype, causal, backward, repeats):
   start = time.perf_counter()
   compiled = step.lower(q, k, v).compile()
   compile_s = time.perf_counter() - start
-  temp = compiled.memory_analysis().temp_size_in_bytes
+  temp = testing.temp_bytes(compiled)
   rss_before = timing.peak_rss_mib()
   run = lambda: jax.block_until_ready(compiled(q, k, v))
   run()

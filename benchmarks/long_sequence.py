@@ -19,42 +19,47 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import timing
+
 B, H, D = 1, 8, 64
 
-CHILD = r"""
-import json, resource, sys, time
-import jax, jax.numpy as jnp
-import jattn
-t, causal = int(sys.argv[1]), sys.argv[2] == '1'
-keys = jax.random.split(jax.random.key(0), 3)
-q, k, v = (jax.random.normal(key, (1, t, 8, 64), jnp.float32) for key in keys)
-loss = lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=causal).sum()
-grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-start = time.perf_counter()
-compiled = grad.lower(q, k, v).compile()
-compile_s = time.perf_counter() - start
-start = time.perf_counter()
-grads = jax.block_until_ready(compiled(q, k, v))
-seconds = time.perf_counter() - start
-finite = all(bool(jnp.isfinite(g).all()) for g in grads)
-print(json.dumps({
-    'seconds': seconds, 'compile_seconds': compile_s, 'finite': finite,
-    'temp_mib': compiled.memory_analysis().temp_size_in_bytes / 2**20,
-    'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-}))
-"""
+
+def child(t: int, causal: bool) -> None:
+  """Run in a fresh process (``--child``): one jitted gradient of jattn's
+  default attention; prints its timings and peak RSS as one JSON line."""
+  import jax
+  import jax.numpy as jnp
+
+  import jattn
+  from jattn import testing
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(key, (B, t, H, D), jnp.float32) for key in keys)
+  fn = lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=causal)
+  start = time.perf_counter()
+  compiled = testing.compiled_gradient(fn, q, k, v)
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  grads = jax.block_until_ready(compiled(q, k, v))
+  seconds = time.perf_counter() - start
+  result = {
+    'seconds': seconds,
+    'compile_seconds': compile_s,
+    'finite': all(bool(jnp.isfinite(g).all()) for g in grads),
+    'temp_mib': testing.temp_bytes(compiled) / 2**20,
+    'peak_rss_mib': timing.peak_rss_mib(),
+  }
+  print(json.dumps(result))
 
 
 def compiled_temp_mib(fn, t: int) -> float:
   import jax
   import jax.numpy as jnp
 
+  from jattn import testing
+
   spec = jax.ShapeDtypeStruct((B, t, H, D), jnp.float32)
-  loss = lambda q, k, v: fn(q, k, v).sum()
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  return (
-    grad.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes / 2**20
-  )
+  return testing.temp_bytes(testing.compiled_gradient(fn, spec, spec, spec)) / 2**20
 
 
 def main():
@@ -62,7 +67,11 @@ def main():
   parser.add_argument('--length', type=int, default=65536)
   parser.add_argument('--causal', action='store_true')
   parser.add_argument('--out', type=Path, default=Path('bench_results'))
+  parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.child:
+    child(args.length, args.causal)
+    return
   args.out.mkdir(parents=True, exist_ok=True)
 
   import jax
@@ -84,15 +93,17 @@ def main():
   )
 
   start = time.perf_counter()
-  child = subprocess.run(
-    [sys.executable, '-c', CHILD, str(t), '1' if args.causal else '0'],
+  command = [sys.executable, '-m', 'benchmarks.long_sequence', '--child']
+  command += ['--length', str(t)] + (['--causal'] if args.causal else [])
+  process = subprocess.run(
+    command,
     capture_output=True,
     text=True,
     check=False,
   )
-  if child.returncode != 0:
-    sys.exit(f'child failed ({child.returncode}):\n{child.stderr[-3000:]}')
-  run = json.loads(child.stdout.strip().splitlines()[-1])
+  if process.returncode != 0:
+    sys.exit(f'child failed ({process.returncode}):\n{process.stderr[-3000:]}')
+  run = json.loads(process.stdout.strip().splitlines()[-1])
   print(
     f'jattn fwd+bwd T=S={t} (B={B} H={H} D={D}, float32, '
     f'{"causal" if args.causal else "full"}): {run["seconds"]:.1f} s '

@@ -29,21 +29,20 @@ from jax.sharding import PartitionSpec as P
 
 import jattn
 from benchmarks import timing
-from jattn import sharding
+from jattn import sharding, testing
 
 jax.config.update('jax_num_cpu_devices', 8)
 B, H, D = 1, 8, 64
 
 
 def measure(fn, args, repeats):
-  grad = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2)))
   start = time.perf_counter()
-  compiled = grad.lower(*args).compile()
+  compiled = testing.compiled_gradient(fn, *args)
   compile_s = time.perf_counter() - start
   run = lambda: jax.block_until_ready(compiled(*args))
   run()
   return {
-    'temp_mib': compiled.memory_analysis().temp_size_in_bytes / 2**20,
+    'temp_mib': testing.temp_bytes(compiled) / 2**20,
     'seconds': timing.median_seconds(run, repeats),
     'compile_seconds': compile_s,
   }

@@ -44,6 +44,19 @@ def assert_trees_close(actual, expected, dtype, *, grads: bool = False) -> None:
   )
 
 
+def compiled_gradient(fn: Callable, *args):
+  """The jit-compiled gradient of ``sum(fn(*args))`` with respect to every
+  argument; ``args`` may be arrays or ``jax.ShapeDtypeStruct``s."""
+  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
+  grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+  return grad.lower(*args).compile()
+
+
+def temp_bytes(compiled) -> int:
+  """Temporary memory of a compiled program, from ``memory_analysis()``."""
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
 def _value_and_grads(fn, args, argnums, cotangent_seed):
   out = fn(*args)
   cotangent = jax.random.normal(jax.random.key(cotangent_seed), out.shape, jnp.float32)

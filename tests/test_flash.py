@@ -151,9 +151,8 @@ def test_empty_rows_and_extreme_logits(dtype):
 
 def flash_grad_temp_bytes(t, **kwargs):
   spec = jax.ShapeDtypeStruct((1, t, 2, 32), jnp.float32)
-  loss = lambda q, k, v: jattn.dot_product_attention(q, k, v, **kwargs).sum()
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  return grad.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+  fn = lambda q, k, v: jattn.dot_product_attention(q, k, v, **kwargs)
+  return testing.temp_bytes(testing.compiled_gradient(fn, spec, spec, spec))
 
 
 def test_temp_memory_grows_linearly():
@@ -168,14 +167,11 @@ def test_no_t_by_s_buffer():
     0, batch=(1,), q_len=t, kv_len=t, heads=2, kv_heads=2, head_dim=32
   )
 
-  def loss(impl):
-    return lambda q, k, v: jattn.dot_product_attention(
-      q, k, v, is_causal=True, implementation=impl
-    ).sum()
-
   def temp_bytes(impl):
-    grad = jax.jit(jax.grad(loss(impl), argnums=(0, 1, 2)))
-    return grad.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+    fn = lambda q, k, v: jattn.dot_product_attention(
+      q, k, v, is_causal=True, implementation=impl
+    )
+    return testing.temp_bytes(testing.compiled_gradient(fn, q, k, v))
 
   flash = temp_bytes('flash')
   assert flash < t * t * 4 / 4, flash

@@ -180,8 +180,7 @@ def test_ring_memory_per_device(causal, bound):
   )
 
   def temp(fn, arg):
-    grad = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2)))
-    return grad.lower(arg, arg, arg).compile().memory_analysis().temp_size_in_bytes
+    return testing.temp_bytes(testing.compiled_gradient(fn, arg, arg, arg))
 
   flash = temp(
     lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=causal), spec
