@@ -166,57 +166,68 @@ class Visibility:
     """
     first = self._q_start + i * bq  # global rows first..last
     last = first + bq - 1
-    seen, full = [], []  # (min, max) column intervals
+    rules = []  # (columns seen by some row, columns seen by every row)
     if self.is_causal:
       prefix_end = -_FAR if self.prefix is None else self.prefix - 1
-      seen.append((-_FAR, jnp.maximum(last, prefix_end)))
-      full.append((-_FAR, jnp.maximum(first, prefix_end)))
-    if self.window is not None:
-      left, right = (min(w, _FAR) for w in self.window)
-      seen.append((first - left, last + right))
-      full.append((last - left, first + right))
-    if self.chunk_size is not None:
-      size = self.chunk_size
-      seen.append((first // size * size, last // size * size + size - 1))
-      one_chunk = first // size == last // size
-      full.append(
-        _where(one_chunk, (first // size * size, first // size * size + size - 1))
+      rules.append(
+        (
+          (-_FAR, jnp.maximum(last, prefix_end)),
+          (-_FAR, jnp.maximum(first, prefix_end)),
+        )
       )
-    for limit in self._key_limits:
-      seen.append((-_FAR, limit - 1))
-      full.append((-_FAR, limit - 1))
+    if self.window is not None:
+      rules.append(_band(first, last, *self.window))
+    if self.chunk_size is not None:
+      rules.append(_chunk(first, last, self.chunk_size))
+    rules += [_below(limit) for limit in self._key_limits]
     if self.q_len is not None:
-      seen.append(_where(first < self.q_len, (-_FAR, _FAR)))
-      full.append(_where(last < self.q_len, (-_FAR, _FAR)))
-    return _block_range(seen, full, self.elementwise, self._kv_start, bk, num_blocks)
+      rules.append(_all_if(first < self.q_len, last < self.q_len))
+    return _block_range(rules, self.elementwise, self._kv_start, bk, num_blocks)
 
   def q_blocks(self, j, bq: int, bk: int, num_blocks: int):
     """Query blocks that see key block ``j``: ``(lo, full_lo, full_hi, hi)``."""
     first = self._kv_start + j * bk  # global columns first..last
     last = first + bk - 1
-    seen, full = [], []  # (min, max) row intervals
+    rules = []  # (rows that see some column, rows that see every column)
     if self.is_causal:
       prefix = -_FAR if self.prefix is None else self.prefix
-      seen.append((jnp.where(first < prefix, -_FAR, first), _FAR))
-      full.append((jnp.where(last < prefix, -_FAR, last), _FAR))
-    if self.window is not None:
-      left, right = (min(w, _FAR) for w in self.window)
-      seen.append((first - right, last + left))
-      full.append((last - right, first + left))
-    if self.chunk_size is not None:
-      size = self.chunk_size
-      seen.append((first // size * size, last // size * size + size - 1))
-      one_chunk = first // size == last // size
-      full.append(
-        _where(one_chunk, (first // size * size, first // size * size + size - 1))
+      rules.append(
+        (
+          (jnp.where(first < prefix, -_FAR, first), _FAR),
+          (jnp.where(last < prefix, -_FAR, last), _FAR),
+        )
       )
+    if self.window is not None:
+      rules.append(_band(first, last, *reversed(self.window)))
+    if self.chunk_size is not None:
+      rules.append(_chunk(first, last, self.chunk_size))
     if self.q_len is not None:
-      seen.append((-_FAR, self.q_len - 1))
-      full.append((-_FAR, self.q_len - 1))
-    for limit in self._key_limits:
-      seen.append(_where(first < limit, (-_FAR, _FAR)))
-      full.append(_where(last < limit, (-_FAR, _FAR)))
-    return _block_range(seen, full, self.elementwise, self._q_start, bq, num_blocks)
+      rules.append(_below(self.q_len))
+    rules += [_all_if(first < limit, last < limit) for limit in self._key_limits]
+    return _block_range(rules, self.elementwise, self._q_start, bq, num_blocks)
+
+
+def _band(first, last, before: int, after: int):
+  """A window: position p sees ``p - before .. p + after``."""
+  before, after = min(before, _FAR), min(after, _FAR)
+  return (first - before, last + after), (last - before, first + after)
+
+
+def _chunk(first, last, size: int):
+  """A chunk: the same chunk as the position (symmetric in rows and columns)."""
+  start = first // size * size
+  seen = (start, last // size * size + size - 1)
+  return seen, _where(first // size == last // size, (start, start + size - 1))
+
+
+def _below(limit):
+  """Positions below ``limit``."""
+  return (-_FAR, limit - 1), (-_FAR, limit - 1)
+
+
+def _all_if(some, every):
+  """Everything, when ``some`` (or ``every``) position of the block counts."""
+  return _where(some, (-_FAR, _FAR)), _where(every, (-_FAR, _FAR))
 
 
 def _where(condition, interval):
@@ -225,8 +236,11 @@ def _where(condition, interval):
   return jnp.where(condition, low, _FAR), jnp.where(condition, high, -_FAR)
 
 
-def _block_range(seen, full, elementwise: bool, start, size: int, count: int):
-  """Position intervals -> ``(lo, full_lo, full_hi, hi)`` block indices."""
+def _block_range(rules, elementwise: bool, start, size: int, count: int):
+  """``(seen, full)`` position intervals of each rule -> their intersection
+  as ``(lo, full_lo, full_hi, hi)`` block indices."""
+  seen = [interval for interval, _ in rules]
+  full = [interval for _, interval in rules]
   low = functools.reduce(jnp.maximum, [lo for lo, _ in seen], -_FAR)
   high = functools.reduce(jnp.minimum, [hi for _, hi in seen], _FAR)
   lo = jnp.clip((low - start) // size, 0, count)

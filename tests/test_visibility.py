@@ -54,8 +54,10 @@ def test_block_ranges_agree_with_elements(
   visible = np.zeros((nq * bq, nk * bk), bool)
   visible[:t, :s] = dense(vis, t, s)
   blocks = visible.reshape(nq, bq, nk, bk).transpose(0, 2, 1, 3)  # [nq, nk, bq, bk]
+  kv_ranges = np.stack(jax.vmap(lambda i: vis.kv_blocks(i, bq, bk, nk))(jnp.arange(nq)))
+  q_ranges = np.stack(jax.vmap(lambda j: vis.q_blocks(j, bq, bk, nq))(jnp.arange(nk)))
   for i in range(nq):
-    lo, full_lo, full_hi, hi = (int(x) for x in vis.kv_blocks(i, bq, bk, nk))
+    lo, full_lo, full_hi, hi = kv_ranges[:, i]
     assert 0 <= lo <= full_lo <= full_hi <= hi <= nk
     rows = min(bq, t - i * bq)
     for j in range(nk):
@@ -64,7 +66,7 @@ def test_block_ranges_agree_with_elements(
       if full_lo <= j < full_hi:
         assert blocks[i, j, :rows, : min(bk, s - j * bk)].all(), (i, j)
   for j in range(nk):
-    lo, full_lo, full_hi, hi = (int(x) for x in vis.q_blocks(j, bq, bk, nq))
+    lo, full_lo, full_hi, hi = q_ranges[:, j]
     assert 0 <= lo <= full_lo <= full_hi <= hi <= nq
     for i in range(nq):
       if not lo <= i < hi:
@@ -165,13 +167,12 @@ def test_gradient_receptive_field_of_a_prefix():
     np.testing.assert_array_equal(touched, (np.arange(12) <= i) | (np.arange(12) < 5))
 
 
-@pytest.mark.parametrize('mesh_shape', [{'seq': 4}, {'data': 2, 'seq': 4}])
 @pytest.mark.parametrize(
-  'options',
+  'mesh_shape, options',
   [
-    dict(is_causal=True, attention_chunk_size=10),
-    dict(attention_chunk_size=12),
-    dict(is_causal=True, prefix_lengths=jnp.array([9, 26])),
+    ({'data': 2, 'seq': 2}, dict(is_causal=True, attention_chunk_size=10)),
+    ({'seq': 4}, dict(attention_chunk_size=12)),
+    ({'seq': 2}, dict(is_causal=True, prefix_lengths=jnp.array([9, 26]))),
   ],
   ids=['chunked causal', 'chunked', 'prefix'],
 )
