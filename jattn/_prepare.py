@@ -51,13 +51,20 @@ class Prepared(NamedTuple):
   empty: bool = False
 
 
-def split_arguments(arguments: dict) -> tuple[SequenceArrays, Options]:
-  """A public function's ``locals()`` -> (its per-sequence arrays, its
-  validated static options). Names not used by the function count as unset."""
+def split_arguments(
+  arguments: dict, *, strict: bool = False
+) -> tuple[SequenceArrays, Options]:
+  """A public function's ``locals()`` (or, ``strict``, its ``**options``,
+  where an unknown name is a TypeError) -> (its per-sequence arrays, its
+  validated static options). Names a function lacks count as unset."""
+  names = inspect.signature(make_options).parameters
+  if strict:
+    unknown = sorted(set(arguments) - set(names) - set(SequenceArrays._fields))
+    if unknown:
+      raise TypeError(f'unknown attention option(s): {", ".join(unknown)}.')
   arrays = SequenceArrays(
     **{name: arguments.get(name) for name in SequenceArrays._fields}
   )
-  names = inspect.signature(make_options).parameters
   return arrays, make_options(**{n: arguments[n] for n in names if n in arguments})
 
 

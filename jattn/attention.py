@@ -103,34 +103,17 @@ def _attention_jit(query, key, value, bias, mask, arrays, dropout_rng, opts):
   return out, lse.reshape(out.shape[:-1]).astype(query.dtype)
 
 
-def attention_weights(
-  query,
-  key,
-  bias=None,
-  mask=None,
-  *,
-  scale: float | None = None,
-  is_causal: bool = False,
-  query_seq_lengths=None,
-  key_value_seq_lengths=None,
-  q_segment_ids=None,
-  kv_segment_ids=None,
-  local_window_size: int | tuple[int, int] | None = None,
-  attention_chunk_size: int | None = None,
-  prefix_lengths=None,
-  logits_soft_cap: float | None = None,
-  dropout_rate: float = 0.0,
-  dropout_rng=None,
-  deterministic: bool | None = None,
-):
+def attention_weights(query, key, bias=None, mask=None, **options):
   """The normalised weights ``[B..., H, T, S]`` (float32) for the same arguments.
 
-  ``dot_product_attention(...) == einsum(weights, value)`` up to rounding;
-  rows with nothing to attend to are zero. Materialises ``[T, S]``: use it to
-  inspect and plot, not inside a model.
+  ``options`` are ``dot_product_attention``'s keywords (``is_causal``,
+  lengths, segment ids, window, chunk, prefix, scale, soft-cap, dropout);
+  ``dot_product_attention(...) == einsum(weights, value)`` up to rounding,
+  and rows with nothing to attend to are zero. Materialises ``[T, S]``: use
+  it to inspect and plot, not inside a model.
   """
-  arrays, opts = _prepare.split_arguments(locals())
-  return _weights_jit(query, key, bias, mask, arrays, dropout_rng, opts)
+  arrays, opts = _prepare.split_arguments(options, strict=True)
+  return _weights_jit(query, key, bias, mask, arrays, options.get('dropout_rng'), opts)
 
 
 @functools.partial(jax.jit, static_argnames='opts')

@@ -59,13 +59,12 @@ class MultiHeadAttention(nn.Module):
     inputs_k=None,
     inputs_v=None,
     *,
-    mask=None,
-    bias=None,
     deterministic: bool | None = None,
     dropout_rng=None,
     **attention_kwargs,
   ):
-    """``[B..., T, E] -> [B..., T, F]``; options as in ``dot_product_attention``."""
+    """``[B..., T, E] -> [B..., T, F]``; keyword options (``mask``, ``bias``,
+    ``is_causal``, ...) as in ``dot_product_attention``."""
     kv_inputs = inputs_q if inputs_k is None else inputs_k
     shape = multihead.Hyperparameters(
       in_features=inputs_q.shape[-1],
@@ -83,18 +82,13 @@ class MultiHeadAttention(nn.Module):
     )
     if not deterministic and dropout_rng is None:
       dropout_rng = self.make_rng('dropout')
+    settings = multihead.wrapper_settings(self, dropout_rng, deterministic)
     return multihead.multi_head_attention(
       params,
       inputs_q,
       inputs_k,
       inputs_v,
-      mask=mask,
-      bias=bias,
-      dtype=self.dtype,
-      dropout_rate=self.dropout_rate,
-      dropout_rng=dropout_rng,
-      deterministic=deterministic,
-      implementation=self.implementation,
+      **settings,
       **attention_kwargs,
     )
 

@@ -228,6 +228,18 @@ def _check_params(params) -> None:
       )
 
 
+def wrapper_settings(module, dropout_rng, deterministic) -> dict:
+  """What a Flax wrapper passes to ``multi_head_attention`` besides its
+  inputs: its compute dtype, dropout and implementation."""
+  return dict(
+    dtype=module.dtype,
+    dropout_rate=module.dropout_rate,
+    dropout_rng=dropout_rng,
+    deterministic=deterministic,
+    implementation=module.implementation,
+  )
+
+
 def _compute_dtype(dtype, *arrays):
   """The given dtype, or the widest float among the arrays (Flax's rule)."""
   if dtype is not None:

@@ -128,14 +128,12 @@ class MultiHeadAttention(nnx.Module):
     inputs_k=None,
     inputs_v=None,
     *,
-    mask=None,
-    bias=None,
     deterministic: bool | None = None,
     rngs: nnx.Rngs | None = None,
     **attention_kwargs,
   ):
-    """``[B..., T, E] -> [B..., T, F]``; keyword options as in
-    ``jattn.dot_product_attention`` (``is_causal``, lengths, segments, ...)."""
+    """``[B..., T, E] -> [B..., T, F]``; keyword options (``mask``, ``bias``,
+    ``is_causal``, lengths, segments, ...) as in ``dot_product_attention``."""
     deterministic = self.deterministic if deterministic is None else deterministic
     dropout_rng = None
     if self.dropout_rate > 0.0 and not deterministic:
@@ -146,17 +144,12 @@ class MultiHeadAttention(nnx.Module):
           'module with an nnx.Rngs that has a dropout stream.'
         )
       dropout_rng = stream()
+    settings = multihead.wrapper_settings(self, dropout_rng, deterministic)
     return multihead.multi_head_attention(
       self.to_params(),
       inputs_q,
       inputs_k,
       inputs_v,
-      mask=mask,
-      bias=bias,
-      dtype=self.dtype,
-      dropout_rate=self.dropout_rate,
-      dropout_rng=dropout_rng,
-      deterministic=deterministic,
-      implementation=self.implementation,
+      **settings,
       **attention_kwargs,
     )

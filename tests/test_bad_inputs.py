@@ -129,6 +129,28 @@ CASES = {
     ValueError,
     'logits_soft_cap',
   ),
+  'weights with an unknown option': (
+    lambda: jattn.attention_weights(Q, K, is_casual=True),
+    TypeError,
+    'is_casual',
+  ),
+  'chunk size zero': (
+    attend(attention_chunk_size=0),
+    ValueError,
+    'attention_chunk_size',
+  ),
+  'prefix without causal': (
+    attend(prefix_lengths=jnp.array([1, 2])),
+    ValueError,
+    'prefix_lengths',
+  ),
+  'ring with a dense mask': (
+    lambda: jattn.sharding.ring_attention(
+      Q, K, V, mask=jnp.ones((6, 7), bool), mesh=jattn.sharding.make_mesh({'seq': 8})
+    ),
+    ValueError,
+    'dense `mask`',
+  ),
   'weights with bad mask': (
     lambda: jattn.attention_weights(Q, K, mask=jnp.ones((3, 7), bool)),
     ValueError,
