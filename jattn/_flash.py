@@ -145,10 +145,16 @@ def head_backward(
   bq, bk = blocks
   bias_shape = None if bias is None else bias.shape
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  # The weights are exp(s - m) / total: fold 1 / total into the rows of d_out
+  # and delta once, so each block uses exp(s - m) (exact for huge logits).
+  m, total = stats
+  inverse = _numerics.inverse_total(total)
+  d_out = (d_out.astype(jnp.float32) * inverse[:, None]).astype(d_out.dtype)
+  delta = delta * inverse
   q, k, v, bias, vis = geo.pad(q, k, v, bias, vis)
   tp = q.shape[0]
-  # Padded rows get total = 0: zero weights, like rows that see no key.
-  d_out, delta, m, total = (_pad_to(x, 0, tp) for x in (d_out, delta, *stats))
+  # Padded rows get a zero d_out and delta: they add nothing.
+  d_out, delta, m = (_pad_to(x, 0, tp) for x in (d_out, delta, m))
   # Transposed copies, made once, keep every block matmul in plain NN form.
   q_t, k_t, v_t, d_out_t = q.T, k.T, v.T, d_out.T
 
@@ -167,7 +173,7 @@ def head_backward(
       s = capped if bias_ij is None else capped + bias_ij.astype(jnp.float32)
       if partial:
         s = _numerics.hide(s, vis.elements(r0, c0, bq, bk))
-      p = _numerics.weights(s, row(m), row(total))
+      p = _numerics.unnormalized(s, row(m))  # weights x row sum
       keep = _keep(opts, seed, vis, r0, c0, bq, bk)
       p_used = _numerics.dropout(p, keep, opts.dropout_rate)
       d_out_t_i = lax.dynamic_slice_in_dim(d_out_t, r0, bq, axis=1)

@@ -99,14 +99,19 @@ def normalize(acc, total):
   return acc / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def weights(logits, m, total):
-  """Normalised weights of ``[t, s]`` logits from their rows' final ``(m, total)``.
+def unnormalized(logits, m):
+  """``exp(logits - m)`` for ``[t, s]`` logits and their rows' max ``m [t]``:
+  the forward's weights times their row sum (zero where hidden)."""
+  return jnp.exp(logits - finite_or_zero(m)[:, None])
 
-  Exactly what the forward's softmax gave, for any block of columns; zero
-  for rows that saw nothing.
+
+def inverse_total(total):
+  """``1 / total`` per row; 0 for rows that saw nothing (their weights are 0).
+
+  The backward scales ``d_out`` rows by it once, so each block's weights are
+  ``unnormalized`` without a division: exact at any logit magnitude.
   """
-  inverse = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
-  return jnp.exp(logits - finite_or_zero(m)[:, None]) * inverse[:, None]
+  return jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def merge(a, b):
