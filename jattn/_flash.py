@@ -78,9 +78,12 @@ class _Blocks:
     )
 
 
-def _loops(ranges, step, carry):
-  """Run ``step(partial, index, carry)`` over partial, full, partial blocks."""
+def _loops(ranges, step, carry, elementwise: bool):
+  """Run ``step(partial, index, carry)`` over partial, full, partial blocks
+  (one partial loop when every block needs the element test: less to compile)."""
   lo, full_lo, full_hi, hi = ranges
+  if elementwise:
+    return lax.fori_loop(lo, hi, functools.partial(step, True), carry)
   carry = lax.fori_loop(lo, full_lo, functools.partial(step, True), carry)
   carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, False), carry)
   return lax.fori_loop(full_hi, hi, functools.partial(step, True), carry)
@@ -125,7 +128,8 @@ def head_forward(opts, blocks, q, k, v, bias, vis: Visibility, seed):
       return m, total, acc * correction[:, None] + pv
 
     init = (*_numerics.initial_stats(bq), jnp.zeros((bq, v.shape[-1]), jnp.float32))
-    m, total, acc = _loops(vis.kv_blocks(i, bq, bk, geo.nk), step, init)
+    ranges = vis.kv_blocks(i, bq, bk, geo.nk)
+    m, total, acc = _loops(ranges, step, init, vis.elementwise)
     return _numerics.normalize(acc, total).astype(q.dtype), (m, total)
 
   out, stats = lax.map(query_block, jnp.arange(geo.nq))
@@ -149,7 +153,8 @@ def head_backward(
   # and delta once, so each block uses exp(s - m) (exact for huge logits).
   m, total = stats
   inverse = _numerics.inverse_total(total)
-  d_out = (d_out.astype(jnp.float32) * inverse[:, None]).astype(d_out.dtype)
+  # (float32: 1 / total can be ~1/S, below float16's normal range)
+  d_out = d_out.astype(jnp.float32) * inverse[:, None]
   delta = delta * inverse
   q, k, v, bias, vis = geo.pad(q, k, v, bias, vis)
   tp = q.shape[0]
@@ -197,7 +202,8 @@ def head_backward(
       dq,
       dbias,
     )
-    dk_t_j, dv_t_j, dq, dbias = _loops(vis.q_blocks(j, bq, bk, geo.nq), step, init)
+    ranges = vis.q_blocks(j, bq, bk, geo.nq)
+    dk_t_j, dv_t_j, dq, dbias = _loops(ranges, step, init, vis.elementwise)
     return (dq, dbias), (dk_t_j.T, dv_t_j.T)
 
   dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)

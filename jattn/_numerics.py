@@ -17,12 +17,13 @@ import numpy as np
 
 
 def matmul(subscripts: str, a, b):
-  """einsum with float32 results; half-precision operands on CPU go float32.
+  """einsum with float32 results; half-precision operands on CPU (and mixed
+  operands anywhere) go float32.
 
   XLA's CPU dot does not take every bf16 x bf16 -> f32 shape, and it has no
   fast half-precision path to lose; GPUs and TPUs keep the half inputs.
   """
-  if jax.default_backend() == 'cpu':
+  if jax.default_backend() == 'cpu' or a.dtype != b.dtype:
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
 

@@ -19,7 +19,7 @@ def dense(vis, t, s):
   return np.ones((t, s), bool) if visible is None else np.broadcast_to(visible, (t, s))
 
 
-@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.settings(max_examples=30, deadline=None)
 @hypothesis.given(
   t=st.integers(1, 40),
   s=st.integers(1, 40),
@@ -171,10 +171,9 @@ def test_gradient_receptive_field_of_a_prefix():
   'mesh_shape, options',
   [
     ({'data': 2, 'seq': 2}, dict(is_causal=True, attention_chunk_size=10)),
-    ({'seq': 4}, dict(attention_chunk_size=12)),
     ({'seq': 2}, dict(is_causal=True, prefix_lengths=jnp.array([9, 26]))),
   ],
-  ids=['chunked causal', 'chunked', 'prefix'],
+  ids=['chunked causal', 'prefix'],
 )
 def test_ring_matches_reference(mesh_shape, options):
   mesh = sharding.make_mesh(

@@ -25,37 +25,55 @@ def damage(directory):
         file.write(b'\0garbage')
 
 
-def test_kill_9_and_a_torn_metrics_line_lose_nothing(tmp_path):
-  flags = ['--num_steps', '80', '--eval_every', '20', '--checkpoint_every', '10']
-  whole = run_main(tmp_path / 'whole', *flags)
-  assert whole.returncode == 0, whole.stderr[-3000:]
-
-  workdir = tmp_path / 'cut'
+def start_and_interrupt(workdir, flags, sig):
+  """Starts a run, sends ``sig`` once its step-20 checkpoint exists; returns
+  the finished process and its output."""
   process = subprocess.Popen(
     [sys.executable, MAIN, *TINY, '--workdir', str(workdir), *flags],
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
   )
   deadline = time.monotonic() + 240
   while not (workdir / 'checkpoints' / '20').exists() and process.poll() is None:
     assert time.monotonic() < deadline, 'no checkpoint appeared'
     time.sleep(0.02)
   time.sleep(0.3)  # between two checkpoints
-  process.send_signal(signal.SIGKILL)
-  process.wait(timeout=60)
-  assert process.returncode == -signal.SIGKILL
-  with open(workdir / 'metrics.jsonl', 'a') as file:  # a kill in mid-write
-    file.write('{"step": 31, "split": "tra')
+  process.send_signal(sig)
+  out, err = process.communicate(timeout=120)
+  return process, out, err
 
+
+def test_sigterm_and_kill_9_then_resume_match_an_uninterrupted_run(tmp_path):
+  flags = ['--num_steps', '80', '--eval_every', '20', '--checkpoint_every', '10']
+  whole = run_main(tmp_path / 'whole', *flags)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+
+  # SIGTERM: the run finishes its logging window, saves and exits.
+  workdir = tmp_path / 'term'
+  process, out, err = start_and_interrupt(workdir, flags, signal.SIGTERM)
+  assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+  assert 'checkpoint saved' in out
+  stopped_at = max(int(step) for step in os.listdir(workdir / 'checkpoints'))
+  assert 20 <= stopped_at < 80
   resumed = run_main(workdir, *flags)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'resuming at step {stopped_at}' in resumed.stdout
+
+  # kill -9 between two checkpoints, and a record torn in mid-write.
+  killed = tmp_path / 'kill'
+  process, _, _ = start_and_interrupt(killed, flags, signal.SIGKILL)
+  assert process.returncode == -signal.SIGKILL
+  with open(killed / 'metrics.jsonl', 'a') as file:
+    file.write('{"step": 31, "split": "tra')
+  resumed = run_main(killed, *flags)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'is a partial record; dropped' in resumed.stderr
-  assert read_metrics(workdir) == read_metrics(tmp_path / 'whole')
-  jax.tree.map(
-    np.testing.assert_array_equal,
-    final_params(workdir),
-    final_params(tmp_path / 'whole'),
-  )
+
+  expected = final_params(tmp_path / 'whole')
+  for run in (workdir, killed):
+    assert read_metrics(run) == read_metrics(tmp_path / 'whole')
+    jax.tree.map(np.testing.assert_array_equal, final_params(run), expected)
 
 
 def test_damaged_best_checkpoint_falls_back_to_the_latest(tmp_path, capsys):
