@@ -99,7 +99,7 @@ def test_default_implementation_is_flash_on_cpu():
   assert jattn._registry.select(p).name == 'flash'
 
 
-@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.settings(max_examples=5, deadline=None)
 @hypothesis.given(
   q_len=st.integers(1, 40),
   kv_len=st.integers(1, 40),
