@@ -44,9 +44,18 @@ def jax_nn_with_zero_rows(query, key, value, bias, **kwargs):
   return jnp.where(has_key, out, jnp.zeros((), out.dtype))
 
 
-@pytest.mark.parametrize('dtype', helpers.DTYPES, ids=lambda d: d.__name__)
+# The reference computes in float32 whatever the input: bfloat16 covers its
+# half-precision path; the default (flash) path runs every dtype.
+IMPLS_AND_DTYPES = [(None, dtype) for dtype in helpers.DTYPES] + [
+  ('reference', jnp.float32),
+  ('reference', jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize(
+  'impl, dtype', IMPLS_AND_DTYPES, ids=lambda x: getattr(x, '__name__', str(x))
+)
 @pytest.mark.parametrize('feature', sorted(FEATURES))
-@pytest.mark.parametrize('impl', ['reference', None])
 def test_matches_jax_nn(feature, dtype, impl):
   kwargs = dict(FEATURES[feature])
   kv_heads = kwargs.pop('kv_heads', K)
