@@ -22,7 +22,7 @@ from jax import lax
 from jattn import _numerics
 from jattn._heads import map_heads
 from jattn._prepare import Prepared
-from jattn._visibility import Visibility, logits_block
+from jattn._visibility import Visibility, logits_block, pad_axis, pad_logits
 
 # Default (query, key) block sizes by backend; measured on a 2-core CPU with
 # benchmarks/attention.py, where larger key blocks amortise loop overhead.
@@ -35,15 +35,6 @@ def block_sizes(q_len: int, kv_len: int, requested=None) -> tuple[int, int]:
   block_q, block_k = requested or DEFAULT_BLOCKS.get(jax.default_backend(), (256, 256))
   round8 = lambda n: -(-n // 8) * 8
   return min(block_q, round8(q_len)), min(block_k, round8(kv_len))
-
-
-def _pad_to(x, axis: int, size: int):
-  """Pad ``axis`` of ``x`` with zeros up to ``size``."""
-  if x is None or x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +57,11 @@ class _Blocks:
   def pad(self, q, k, v, bias, vis: Visibility):
     """Everything padded to whole blocks; padded keys stay hidden."""
     tp, sp = self.nq * self.bq, self.nk * self.bk
-    if bias is not None:  # [T|1, S|1]: a broadcast dim of 1 stays 1
-      bias = bias if bias.shape[0] == 1 else _pad_to(bias, 0, tp)
-      bias = bias if bias.shape[1] == 1 else _pad_to(bias, 1, sp)
     return (
-      _pad_to(q, 0, tp),
-      _pad_to(k, 0, sp),
-      _pad_to(v, 0, sp),
-      bias,
+      pad_axis(q, 0, tp),
+      pad_axis(k, 0, sp),
+      pad_axis(v, 0, sp),
+      pad_logits(bias, tp, sp),
       vis.pad(tp, sp, self.kv_len),
     )
 
@@ -159,7 +147,7 @@ def head_backward(
   q, k, v, bias, vis = geo.pad(q, k, v, bias, vis)
   tp = q.shape[0]
   # Padded rows get a zero d_out and delta: they add nothing.
-  d_out, delta, m = (_pad_to(x, 0, tp) for x in (d_out, delta, m))
+  d_out, delta, m = (pad_axis(x, 0, tp) for x in (d_out, delta, m))
   # Transposed copies, made once, keep every block matmul in plain NN form.
   q_t, k_t, v_t, d_out_t = q.T, k.T, v.T, d_out.T
 

@@ -46,7 +46,7 @@ def head_attention(opts, q, k, v, bias, vis, seed):
   weights = _dropout(opts, vis, seed, _numerics.softmax(logits))
   out = jnp.einsum('ts,sv->tv', weights, v.astype(jnp.float32))
   m = jnp.max(logits, axis=-1)
-  total = jnp.sum(jnp.exp(logits - _numerics.finite_or_zero(m)[:, None]), axis=-1)
+  total = _numerics.unnormalized(logits, m).sum(axis=-1)
   return out.astype(q.dtype), jax.lax.stop_gradient(_numerics.log_sum_exp(m, total))
 
 

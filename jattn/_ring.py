@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from jattn import _flash, _numerics
 from jattn._heads import map_heads
 from jattn._prepare import Prepared
+from jattn._visibility import pad_axis
 
 
 class _Layout:
@@ -198,13 +199,6 @@ def _zigzag_moves(n: int):
   return moves
 
 
-def _pad_sequence(x, size: int):
-  """Pad axis 1 (T or S) of ``x`` with zeros up to ``size``."""
-  if x is None or x.shape[1] == size:
-    return x
-  return jnp.pad(x, [(0, 0), (0, size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-
-
 class Ring:
   """Ring attention over ``mesh[seq_axis]`` behind the kernel contract (see
   ``_registry``); batch and heads also split over the mesh's data and model
@@ -245,13 +239,13 @@ class Ring:
     q_size, kv_size = -(-q_len // chunks) * chunks, -(-kv_len // chunks) * chunks
     # Padded keys lie past the visibility's kv_size (S): hidden everywhere.
     q, k, v = (
-      _pad_sequence(p.q, q_size),
-      _pad_sequence(p.k, kv_size),
-      _pad_sequence(p.v, kv_size),
+      pad_axis(p.q, 1, q_size),
+      pad_axis(p.k, 1, kv_size),
+      pad_axis(p.v, 1, kv_size),
     )
     vis = p.vis.replace(
-      q_seg=_pad_sequence(p.vis.q_seg, q_size),
-      kv_seg=_pad_sequence(p.vis.kv_seg, kv_size),
+      q_seg=pad_axis(p.vis.q_seg, 1, q_size),
+      kv_seg=pad_axis(p.vis.kv_seg, 1, kv_size),
     )
 
     def divides(axis, size):

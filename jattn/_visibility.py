@@ -142,16 +142,11 @@ class Visibility:
     """Padded to ``rows`` x ``cols`` local rows and columns (a kernel's whole
     blocks) from ``kv_extent`` real columns: segment ids and mask padded,
     padded columns hidden."""
-    pad = lambda x, axis, size: x if x is None else _pad_axis(x, axis, size)
-    mask = self.mask
-    if mask is not None:
-      mask = mask if mask.shape[0] == 1 else _pad_axis(mask, 0, rows)
-      mask = mask if mask.shape[1] == 1 else _pad_axis(mask, 1, cols)
     extent = self.kv_extent if cols == kv_extent else kv_extent
     return self.replace(
-      q_seg=pad(self.q_seg, 0, rows),
-      kv_seg=pad(self.kv_seg, 0, cols),
-      mask=mask,
+      q_seg=pad_axis(self.q_seg, 0, rows),
+      kv_seg=pad_axis(self.kv_seg, 0, cols),
+      mask=pad_logits(self.mask, rows, cols),
       kv_extent=extent,
     )
 
@@ -254,10 +249,22 @@ def _block_range(rules, elementwise: bool, start, size: int, count: int):
   return lo, full_lo, full_hi, hi
 
 
-def _pad_axis(x, axis: int, size: int):
+def pad_axis(x, axis: int, size: int):
+  """``x`` padded with zeros (False) along ``axis`` up to ``size``; None stays None."""
+  if x is None or x.shape[axis] == size:
+    return x
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, size - x.shape[axis])
   return jnp.pad(x, widths)
+
+
+def pad_logits(x, rows: int, cols: int):
+  """A ``[T|1, S|1]`` bias or mask padded to ``[rows|1, cols|1]`` (a
+  broadcast dim of 1 stays 1); None stays None."""
+  if x is None:
+    return None
+  x = x if x.shape[0] == 1 else pad_axis(x, 0, rows)
+  return x if x.shape[1] == 1 else pad_axis(x, 1, cols)
 
 
 def logits_block(x, r0, c0, rows: int, cols: int):
