@@ -1,8 +1,9 @@
 """jattn: multi-head self-attention for JAX, the functional way.
 
 Public API: ``dot_product_attention`` and ``attention_weights`` (the core),
-``init_params`` and ``multi_head_attention`` (multi-head functions over a
-parameter pytree), the mask helpers, ``flax_attention_fn`` (an
+``init_params``, ``multi_head_attention`` and
+``multi_head_attention_weights`` (multi-head functions over a parameter
+pytree), the mask helpers, ``flax_attention_fn`` (an
 ``attention_fn`` for Flax's modules); submodules ``jattn.nnx`` and
 ``jattn.linen`` (Flax wrappers), ``jattn.sharding`` (meshes, specs, ring
 attention) and ``jattn.testing`` (equivalence helpers).
@@ -18,7 +19,12 @@ from jattn.masks import (
   padding_mask,
   segment_mask,
 )
-from jattn.multihead import init_params, multi_head_attention, param_shapes
+from jattn.multihead import (
+  init_params,
+  multi_head_attention,
+  multi_head_attention_weights,
+  param_shapes,
+)
 
 __version__ = '0.1.0'
 
@@ -32,6 +38,7 @@ __all__ = [
   'linen',
   'local_window_mask',
   'multi_head_attention',
+  'multi_head_attention_weights',
   'nnx',
   'padding_mask',
   'param_shapes',

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jattn import _checks
 from jattn._options import as_bool, as_int
-from jattn.attention import dot_product_attention
+from jattn.attention import attention_weights, dot_product_attention
 
 Initializer = Callable[..., jnp.ndarray]
 LECUN_NORMAL = jax.nn.initializers.lecun_normal()  # Flax's default kernel init
@@ -265,6 +265,43 @@ def _project(x, projection, subscripts: str, dtype):
   return y
 
 
+def _projections(params, inputs_q, inputs_k, inputs_v, dtype):
+  """``(query [B..., T, H, D], key [B..., S, K, D], value [B..., S, K, V],
+  compute dtype)`` after checking the inputs against the parameters."""
+  _check_params(params)
+  if inputs_k is None:
+    if inputs_v is not None:
+      raise ValueError('`inputs_v` was given without `inputs_k`.')
+    inputs_k = inputs_q
+  if inputs_v is None:
+    inputs_v = inputs_k
+  for name, x in (
+    ('inputs_q', inputs_q),
+    ('inputs_k', inputs_k),
+    ('inputs_v', inputs_v),
+  ):
+    _checks.check_array(x, name, min_rank=2, layout='[B..., T|S, E]')
+    _checks.check_floating(x, name)
+  _checks.check_dim(
+    inputs_q,
+    'inputs_q',
+    -1,
+    params['query']['kernel'].shape[0],
+    '[B..., T, E]',
+    "E (rows of params['query']['kernel'])",
+  )
+  for name, x in (('inputs_k', inputs_k), ('inputs_v', inputs_v)):
+    kernel = params['key' if name == 'inputs_k' else 'value']['kernel']
+    _checks.check_dim(
+      x, name, -1, kernel.shape[0], '[B..., S, E_kv]', 'E_kv (rows of its kernel)'
+    )
+  dtype = _compute_dtype(dtype, inputs_q, inputs_k, inputs_v, *jax.tree.leaves(params))
+  query = _project(inputs_q, params['query'], '...te,ehd->...thd', dtype)
+  key = _project(inputs_k, params['key'], '...se,ekd->...skd', dtype)
+  value = _project(inputs_v, params['value'], '...se,ekv->...skv', dtype)
+  return query, key, value, dtype
+
+
 def multi_head_attention(
   params,
   inputs_q,
@@ -297,37 +334,7 @@ def multi_head_attention(
   Returns:
     ``[B..., T, F]`` in the compute dtype.
   """
-  _check_params(params)
-  if inputs_k is None:
-    if inputs_v is not None:
-      raise ValueError('`inputs_v` was given without `inputs_k`.')
-    inputs_k = inputs_q
-  if inputs_v is None:
-    inputs_v = inputs_k
-  for name, x in (
-    ('inputs_q', inputs_q),
-    ('inputs_k', inputs_k),
-    ('inputs_v', inputs_v),
-  ):
-    _checks.check_array(x, name, min_rank=2, layout='[B..., T|S, E]')
-    _checks.check_floating(x, name)
-  _checks.check_dim(
-    inputs_q,
-    'inputs_q',
-    -1,
-    params['query']['kernel'].shape[0],
-    '[B..., T, E]',
-    "E (rows of params['query']['kernel'])",
-  )
-  for name, x in (('inputs_k', inputs_k), ('inputs_v', inputs_v)):
-    kernel = params['key' if name == 'inputs_k' else 'value']['kernel']
-    _checks.check_dim(
-      x, name, -1, kernel.shape[0], '[B..., S, E_kv]', 'E_kv (rows of its kernel)'
-    )
-  dtype = _compute_dtype(dtype, inputs_q, inputs_k, inputs_v, *jax.tree.leaves(params))
-  query = _project(inputs_q, params['query'], '...te,ehd->...thd', dtype)
-  key = _project(inputs_k, params['key'], '...se,ekd->...skd', dtype)
-  value = _project(inputs_v, params['value'], '...se,ekv->...skv', dtype)
+  query, key, value, dtype = _projections(params, inputs_q, inputs_k, inputs_v, dtype)
   encoded = dot_product_attention(
     query,
     key,
@@ -341,3 +348,16 @@ def multi_head_attention(
     **attention_kwargs,
   )
   return _project(encoded, params['out'], '...thv,hvf->...tf', dtype)
+
+
+def multi_head_attention_weights(
+  params, inputs_q, inputs_k=None, *, mask=None, bias=None, dtype=None, **options
+):
+  """The normalised weights ``[B..., H, T, S]`` (float32) of
+  ``multi_head_attention`` with the same arguments, to inspect and plot.
+
+  ``options`` are ``jattn.attention_weights``'s (``is_causal``, lengths,
+  segment ids, window, ...). Materialises ``[T, S]`` per head.
+  """
+  query, key, _, _ = _projections(params, inputs_q, inputs_k, None, dtype)
+  return attention_weights(query, key, bias, mask, **options)

@@ -98,6 +98,26 @@ def param_specs(params, mesh: Mesh):
   return specs
 
 
+def linear_specs(params, mesh: Mesh, *, split: str):
+  """PartitionSpecs of a dense layer ``{'kernel': [E, F], 'bias': [F]}``,
+  Megatron-style over ``model``.
+
+  ``split='outputs'`` (column-parallel, an MLP's first layer) splits F;
+  ``split='inputs'`` (row-parallel, its second) splits E, so the pair needs
+  one all-reduce, after the second. A layer stays replicated where the model
+  axis does not divide the split dimension.
+  """
+  if split not in ('outputs', 'inputs'):
+    raise ValueError(f"`split` must be 'outputs' or 'inputs'; got {split!r}.")
+  in_features, out_features = params['kernel'].shape
+  if split == 'outputs':
+    axis = _axis(mesh, MODEL, out_features)
+    specs = {'kernel': P(None, axis), 'bias': P(axis)}
+  else:
+    specs = {'kernel': P(_axis(mesh, MODEL, in_features), None), 'bias': P(None)}
+  return {name: specs[name] for name in params}
+
+
 def activation_spec(mesh: Mesh, *, heads: bool = True) -> P:
   """``[B, T, H, D]`` over (data, seq, model); ``heads=False``: ``[B, T, E]``."""
   batch, seq = _axis(mesh, DATA), _axis(mesh, SEQ)

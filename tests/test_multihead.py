@@ -126,6 +126,41 @@ def test_flax_attention_fn_adapter():
   chex.assert_trees_all_close(nnx_module(x), jattn.multi_head_attention(params, x))
 
 
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_multi_head_attention_weights_reproduce_the_output(use_bias):
+  """Weights times the projected values, projected out, are the layer's output;
+  and they equal what Flax sows for the same parameters."""
+  x = inputs()
+  params = jattn.init_params(jax.random.key(0), E, H, num_kv_heads=2, use_bias=use_bias)
+  segments = jnp.array([[1, 1, 2, 2, 2], [1, 1, 1, 1, 0]])
+  options = dict(q_segment_ids=segments, kv_segment_ids=segments)
+  weights = jattn.multi_head_attention_weights(params, x, **options)
+  assert weights.shape == (2, H, 5, 5) and weights.dtype == jnp.float32
+  value = jnp.einsum('bse,ekv->bskv', x, params['value']['kernel'])
+  if use_bias:
+    value = value + params['value']['bias'][None, None]
+  value = jnp.repeat(value, H // 2, axis=2)  # query head h reads KV head h // G
+  mixed = jnp.einsum('bhts,bshv->bthv', weights, value)
+  out = jnp.einsum('bthv,hvf->btf', mixed, params['out']['kernel'])
+  if use_bias:
+    out = out + params['out']['bias'][None, None]
+  chex.assert_trees_all_close(
+    out, jattn.multi_head_attention(params, x, **options), atol=1e-5, rtol=1e-5
+  )
+  if use_bias:  # Flax linen sows the same weights (it has no GQA: K = H here)
+    params = jattn.init_params(jax.random.key(1), E, H)
+    module = nn.MultiHeadDotProductAttention(num_heads=H)
+    mask = jattn.segment_mask(segments)
+    _, state = module.apply(
+      {'params': params}, x, mask=mask, sow_weights=True, mutable=['intermediates']
+    )
+    (sown,) = state['intermediates']['attention_weights']
+    weights = jattn.multi_head_attention_weights(params, x, **options)
+    chex.assert_trees_all_close(weights, sown, atol=1e-6, rtol=1e-5)
+  with pytest.raises(ValueError, match='inputs_q'):
+    jattn.multi_head_attention_weights(params, x[..., :3])
+
+
 def test_dropout_in_wrappers():
   x = inputs()
   module = jattn.nnx.MultiHeadAttention(

@@ -42,6 +42,25 @@ def test_param_specs_split_heads():
   assert specs['query']['kernel'] == P(None, 'model', None)
 
 
+def test_linear_specs_megatron_pair():
+  mesh = sharding.make_mesh({'data': 2, 'model': 4})
+  layer = lambda e, f: {'kernel': jnp.zeros((e, f)), 'bias': jnp.zeros((f,))}
+  assert sharding.linear_specs(layer(16, 64), mesh, split='outputs') == {
+    'kernel': P(None, 'model'),
+    'bias': P('model'),
+  }
+  assert sharding.linear_specs(layer(64, 16), mesh, split='inputs') == {
+    'kernel': P('model', None),
+    'bias': P(None),
+  }
+  unsplit = sharding.linear_specs(layer(16, 6), mesh, split='outputs')
+  assert unsplit == {'kernel': P(None, None), 'bias': P(None)}  # 4 does not divide 6
+  no_bias = sharding.linear_specs({'kernel': jnp.zeros((8, 8))}, mesh, split='inputs')
+  assert set(no_bias) == {'kernel'}
+  with pytest.raises(ValueError, match='split'):
+    sharding.linear_specs(layer(8, 8), mesh, split='rows')
+
+
 MESHES = [
   {'data': 8},
   {'data': 2, 'model': 4},

@@ -18,6 +18,7 @@ import statistics
 
 OPERATORS = ('[MIN', '[MAX', '[MED', '[SM')
 CLOSE = ']'
+DIGITS = tuple('0123456789')
 OPERATOR_PROBABILITY = 0.25  # of a non-root node above max_depth
 
 
@@ -62,27 +63,33 @@ def evaluate(tokens: list[str] | str) -> int:
   return result
 
 
-class _TooLong(Exception):
-  """A tree outgrew the length limit; it is dropped as soon as that is known."""
-
-
-def _expression(
-  rand: random.Random, tokens: list[str], depth: int, limits: tuple[int, int, int]
-) -> None:
-  """Appends one sub-tree whose root lies at ``depth`` (1 is the root)."""
-  max_depth, max_args, max_length = limits
-  if len(tokens) >= max_length:
-    raise _TooLong
-  is_operator = depth == 1 or (
-    depth < max_depth and rand.random() < OPERATOR_PROBABILITY
-  )
-  if not is_operator:
-    tokens.append(str(rand.randrange(10)))
-    return
-  tokens.append(rand.choice(OPERATORS))
-  for _ in range(rand.randint(2, max_args)):
-    _expression(rand, tokens, depth + 1, limits)
-  tokens.append(CLOSE)
+def _draw(rand: random.Random, max_depth: int, max_args: int, max_length: int):
+  """One expression's tokens, or None as soon as it cannot end within
+  ``max_length`` (each open operator still needs its missing arguments and
+  its ``]``), which keeps rejection sampling cheap."""
+  uniform = rand.random
+  spread = max_args - 1  # 2..max_args arguments
+  tokens = [OPERATORS[int(uniform() * 4)]]
+  missing = [2 + int(uniform() * spread)]  # arguments still to draw, per open operator
+  needed = missing[0] + 1  # tokens the open operators need at the least
+  while missing:
+    if not missing[-1]:
+      tokens.append(CLOSE)
+      missing.pop()
+      needed -= 1
+      continue
+    missing[-1] -= 1
+    needed -= 1
+    if len(missing) + 1 < max_depth and uniform() < OPERATOR_PROBABILITY:
+      arguments = 2 + int(uniform() * spread)
+      tokens.append(OPERATORS[int(uniform() * 4)])
+      missing.append(arguments)
+      needed += arguments + 1
+    else:
+      tokens.append(DIGITS[int(uniform() * 10)])
+    if len(tokens) + needed > max_length:
+      return None
+  return tokens
 
 
 def generate(
@@ -97,8 +104,8 @@ def generate(
   """``count`` (text, label) pairs with ``min_length..max_length`` tokens each.
 
   Expressions outside the length range are drawn again (as LRA does; one that
-  outgrows ``max_length`` is dropped while it is drawn), so the result is
-  deterministic in ``seed``.
+  must outgrow ``max_length`` is dropped as soon as that is certain). The
+  result is a function of ``seed``.
   """
   if not 1 <= min_length <= max_length:
     raise ValueError(
@@ -109,11 +116,7 @@ def generate(
   rand = random.Random(seed)
   examples = []
   while len(examples) < count:
-    tokens: list[str] = []
-    try:
-      _expression(rand, tokens, 1, (max_depth, max_args, max_length))
-    except _TooLong:
-      continue
-    if min_length <= len(tokens) <= max_length:
+    tokens = _draw(rand, max_depth, max_args, max_length)
+    if tokens is not None and len(tokens) >= min_length:
       examples.append((' '.join(tokens), evaluate(tokens)))
   return examples

@@ -5,8 +5,8 @@
   python examples/text_classification/main.py --train_file data.csv --workdir runs/mine
   python examples/text_classification/main.py --predict "[MAX 2 9 [MIN 4 7 ] 0 ]"
 
-Rerunning a command resumes from its ``--workdir``. Every flag is a field of
-``config.Config``; ``--help`` lists them with their defaults.
+Rerunning a command resumes from its --workdir (a finished run is left as
+it is). Every flag below is a field of config.Config, described there.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def parse(argv=None) -> tuple[config_lib.Config, list[str]]:
   )
   for field in dataclasses.fields(config_lib.Config):
     # default=None marks "not given", so a preset's value is kept.
-    help = f'default: {field.default!r}'
+    help = config_lib.describe(field).replace('%', '%%')  # argparse formats help
     if field.type == 'bool':
       parser.add_argument(
         f'--{field.name}',
@@ -50,11 +50,12 @@ def parse(argv=None) -> tuple[config_lib.Config, list[str]]:
       )
     else:
       kind = {'int': int, 'float': float, 'str': str}[field.type]
+      choices = field.metadata['choices']
       parser.add_argument(
         f'--{field.name}',
         type=kind,
         default=None,
-        metavar=field.type.upper(),
+        metavar='{' + ','.join(choices) + '}' if choices else field.type.upper(),
         help=help,
       )
   args = parser.parse_args(argv)
@@ -91,8 +92,8 @@ def run(config: config_lib.Config, texts: list[str]) -> None:
     f'\nbest validation accuracy {summary["best_validation_accuracy"]:.4f} (step '
     f'{summary["best_step"]}); test accuracy {summary["test_accuracy"]:.4f} '
     f'(majority class {summary["majority_class_test_accuracy"]:.4f}); '
-    f'{summary["wall_seconds"]:.0f} s wall; '
-    f'{summary["train_tokens_per_second"] or 0:.0f} training tokens/s.\n'
+    f'{summary["wall_seconds"]:.0f} s wall over {summary["train_tokens"]} '
+    f'training tokens ({summary["train_tokens_per_second"] or 0:.0f} tokens/s).\n'
     f'Outputs in {config.workdir}: metrics.jsonl, summary.json, curves.png, '
     'attention.png, checkpoints/, best/, vocab.json, labels.json.'
   )

@@ -1,8 +1,11 @@
 """A pre-LayerNorm Transformer encoder classifier on ``jattn.nnx.MultiHeadAttention``.
 
-Shapes: B batch, T tokens (padded), E embed_dim, H heads, C classes.
-``--attention flax`` swaps in ``flax.nnx.MultiHeadAttention`` with the same
-parameter layout, for comparison; everything else is shared.
+Shapes: R rows, W tokens per row, N example slots per row, E embed_dim,
+H heads, C classes. A row may hold several examples (``batches``): segment
+ids keep attention inside each example, positions restart at each, and
+every example is pooled to its own logits. ``--attention flax`` swaps in
+``flax.nnx.MultiHeadAttention`` with the same parameter layout, to compare;
+everything else is shared.
 """
 
 from __future__ import annotations
@@ -51,26 +54,24 @@ class EncoderBlock(nnx.Module):
         implementation=None if config.attention == 'default' else config.attention,
         rngs=rngs,
       )
-    self.uses_flax = config.attention == 'flax'
+    self.dtype = dtype
     self.mlp_norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.mlp_in = nnx.Linear(dim, config.mlp_dim, dtype=dtype, rngs=rngs)
     self.mlp_out = nnx.Linear(config.mlp_dim, dim, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate)
 
-  def attend(self, x, lengths, *, deterministic, rngs):
-    """Self-attention of ``x`` ``[B, T, E]`` over each row's first ``lengths``."""
-    if self.uses_flax:
-      valid = jnp.arange(x.shape[1])[None, :] < lengths[:, None]  # [B, T]
-      return self.attention(
-        x, mask=valid[:, None, None, :], deterministic=deterministic, rngs=rngs
-      )
-    return self.attention(
-      x, key_value_seq_lengths=lengths, deterministic=deterministic, rngs=rngs
+  def attention_weights(self, x, masking: dict):
+    """``[R, H, W, W]`` weights of this block's attention on its input ``x``,
+    through jattn's public multi-head function on the layer's parameters."""
+    params = nnx.to_pure_dict(nnx.state(self.attention, nnx.Param))
+    return jattn.multi_head_attention_weights(
+      params, self.attention_norm(x), dtype=self.dtype, **masking
     )
 
-  def __call__(self, x, lengths, *, deterministic: bool, rngs: nnx.Rngs | None):
-    y = self.attend(
-      self.attention_norm(x), lengths, deterministic=deterministic, rngs=rngs
+  def __call__(self, x, masking: dict, *, deterministic: bool, rngs: nnx.Rngs | None):
+    """``[R, W, E] -> [R, W, E]``; ``masking``: ``Classifier.masking``'s."""
+    y = self.attention(
+      self.attention_norm(x), **masking, deterministic=deterministic, rngs=rngs
     )
     x = x + self.dropout(y, deterministic=deterministic, rngs=rngs)
     y = self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
@@ -78,14 +79,17 @@ class EncoderBlock(nnx.Module):
 
 
 class Classifier(nnx.Module):
-  """Token ids ``[B, T]`` and lengths ``[B]`` to class logits ``[B, C]``.
+  """A batch (``batches``: tokens, segments, positions ``[R, W]``) to logits
+  ``[R, N, C]``, one per example slot.
 
-  Position 0 holds [CLS]; rows are padded past ``lengths``.
+  Each example starts with [CLS]; ``pooling`` 'cls' reads it, 'mean' averages
+  the example's tokens.
   """
 
   def __init__(self, config, vocab_size: int, num_classes: int, *, rngs: nnx.Rngs):
     dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
     self.pooling = config.pooling
+    self.uses_flax = config.attention == 'flax'
     self.dtype = dtype
     self.embed = nnx.Embed(vocab_size, config.embed_dim, dtype=dtype, rngs=rngs)
     if config.positions == 'learned':
@@ -104,39 +108,48 @@ class Classifier(nnx.Module):
     self.final_norm = nnx.LayerNorm(config.embed_dim, dtype=dtype, rngs=rngs)
     self.head = nnx.Linear(config.embed_dim, num_classes, dtype=dtype, rngs=rngs)
 
-  def embed_tokens(self, tokens, *, deterministic: bool, rngs: nnx.Rngs | None):
-    """``[B, T]`` ids to ``[B, T, E]`` inputs of the first block."""
-    positions = self.positions[None, : tokens.shape[1]]  # [1, T, E]
-    x = self.embed(tokens) + positions.astype(self.dtype)
+  def embed_tokens(self, batch, *, deterministic: bool, rngs: nnx.Rngs | None):
+    """Token and position embeddings ``[R, W, E]``, the first block's input."""
+    positions = jnp.take(self.positions[...], batch['positions'], axis=0)
+    x = self.embed(batch['tokens']) + positions.astype(self.dtype)
     return self.dropout(x, deterministic=deterministic, rngs=rngs)
 
-  def __call__(
-    self, tokens, lengths, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
-  ):
-    x = self.embed_tokens(tokens, deterministic=deterministic, rngs=rngs)
-    for block in self.blocks:
-      x = block(x, lengths, deterministic=deterministic, rngs=rngs)
-    x = self.final_norm(x)
+  def masking(self, batch) -> dict:
+    """The attention options that keep each example to itself: segment ids
+    for packed rows; for one example per row, key lengths, which every jattn
+    implementation takes; a dense mask for Flax's attention."""
+    segments = batch['segments']
+    if self.uses_flax:
+      return {'mask': jattn.segment_mask(segments)}  # [R, 1, W, W]
+    if batch['weights'].shape[1] == 1:
+      return {'key_value_seq_lengths': jnp.count_nonzero(segments, axis=1)}
+    return {'q_segment_ids': segments, 'kv_segment_ids': segments}
+
+  def pool(self, x, batch):
+    """``[R, W, E]`` to ``[R, N, E]``: each slot's [CLS] vector or mean."""
+    slots = batch['weights'].shape[1]
+    segments, positions = batch['segments'], batch['positions']
+    member = segments[:, None, :] == jnp.arange(1, slots + 1)[None, :, None]
     if self.pooling == 'cls':
-      pooled = x[:, 0]
-    else:
-      valid = jnp.arange(x.shape[1])[None, :] < lengths[:, None]  # [B, T]
-      valid = valid.astype(x.dtype)
-      pooled = jnp.einsum('bte,bt->be', x, valid) / jnp.maximum(
-        valid.sum(1, keepdims=True), 1
-      )
+      member &= (positions == 0)[:, None, :]
+    member = member.astype(x.dtype)  # [R, N, W]
+    total = jnp.maximum(member.sum(-1, keepdims=True), 1)
+    return jnp.einsum('rnw,rwe->rne', member / total, x)
+
+  def __call__(
+    self, batch, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+  ):
+    x = self.embed_tokens(batch, deterministic=deterministic, rngs=rngs)
+    masking = self.masking(batch)
+    for block in self.blocks:
+      x = block(x, masking, deterministic=deterministic, rngs=rngs)
+    pooled = self.pool(self.final_norm(x), batch)
     return self.head(pooled).astype(jnp.float32)
 
-  def attention_maps(self, tokens, lengths, layer: int):
-    """``[B, H, T, T]`` attention weights of block ``layer`` (for plots)."""
-    x = self.embed_tokens(tokens, deterministic=True, rngs=None)
+  def attention_maps(self, batch, layer: int):
+    """``[R, H, W, W]`` attention weights of block ``layer`` (for plots)."""
+    x = self.embed_tokens(batch, deterministic=True, rngs=None)
+    masking = self.masking(batch)
     for block in self.blocks[:layer]:
-      x = block(x, lengths, deterministic=True, rngs=None)
-    attention = self.blocks[layer].attention
-    x = self.blocks[layer].attention_norm(x)
-    project = lambda p: (
-      jnp.einsum('bte,ehd->bthd', x, p.kernel[...]) + p.bias[None, None]
-    )
-    return jattn.attention_weights(
-      project(attention.query), project(attention.key), key_value_seq_lengths=lengths
-    )
+      x = block(x, masking, deterministic=True, rngs=None)
+    return self.blocks[layer].attention_weights(x, masking)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax.numpy as jnp
 import matplotlib
+import numpy as np
 
 matplotlib.use('Agg')
+import batches as batches_lib
 import matplotlib.pyplot as plt
+from matplotlib.colors import PowerNorm
 
 
 def plot_curves(records: list[dict], path: str) -> None:
   """Loss and accuracy against step, train and validation."""
-  figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+  figure, axes = plt.subplots(1, 2, figsize=(11, 4), layout='constrained')
   for split, style in (('train', '-'), ('validation', 'o-')):
     rows = [r for r in records if r['split'] == split]
     steps = [r['step'] for r in rows]
@@ -24,52 +28,64 @@ def plot_curves(records: list[dict], path: str) -> None:
     axis.set_ylabel(key)
     axis.grid(alpha=0.3)
     axis.legend()
-  figure.tight_layout()
   figure.savefig(path, dpi=110)
   plt.close(figure)
 
 
-def plot_attention(weights, tokens: list[str], title: str, path: str) -> None:
-  """Every head's ``[T, T]`` map side by side; tokens on both axes."""
-  heads = weights.shape[0]
-  columns = min(heads, 4)
-  rows = -(-heads // columns)
-  size = max(3.0, 0.12 * len(tokens))
+def plot_attention(weights: np.ndarray, tokens: list[str], title: str, path: str):
+  """Every head's ``[T, T]`` map, two per row, on one colour scale (square
+  root, so that weak links show too); queries down, keys across, tokens on
+  both axes (every k-th where they would overlap)."""
+  heads, length = weights.shape[0], len(tokens)
+  columns = min(heads, 2)
+  rows = math.ceil(heads / columns)
+  side = min(max(4.5, 0.1 * length), 14.0)  # inches per head
   figure, axes = plt.subplots(
-    rows, columns, figsize=(size * columns, size * rows), squeeze=False
+    rows,
+    columns,
+    figsize=(side * columns + 1.5, side * rows + 0.8),
+    squeeze=False,
+    layout='constrained',
   )
+  fontsize = 7
+  every = math.ceil(length * (fontsize + 1.5) / (side * 72))  # points per label
+  ticks = list(range(0, length, every))
+  labels = [tokens[i] if every == 1 else f'{tokens[i]} {i}' for i in ticks]
+  scale = PowerNorm(0.5, vmin=0.0, vmax=max(float(weights.max()), 1e-6))
+  image = None
   for head, axis in enumerate(axes.flat):
     if head >= heads:
       axis.axis('off')
       continue
-    axis.imshow(weights[head], cmap='viridis', vmin=0.0)
-    axis.set_title(f'head {head}')
-    if len(tokens) <= 80:
-      axis.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
-      axis.set_yticks(range(len(tokens)), tokens, fontsize=6)
-    axis.set_xlabel('key')
-    axis.set_ylabel('query')
-  figure.suptitle(title)
-  figure.tight_layout()
-  figure.savefig(path, dpi=110)
+    image = axis.imshow(weights[head], cmap='viridis', norm=scale)
+    axis.set_title(f'head {head}', fontsize=12)
+    axis.set_xticks(ticks, labels, rotation=90, fontsize=fontsize)
+    axis.set_yticks(ticks, labels, fontsize=fontsize)
+    axis.set_xlabel('key', fontsize=12)
+    axis.set_ylabel('query', fontsize=12)
+  bar = figure.colorbar(image, ax=axes, shrink=0.6, aspect=30)
+  bar.set_label('attention weight (square-root scale)', fontsize=11)
+  figure.suptitle(title, fontsize=13)
+  figure.savefig(path, dpi=100)
   plt.close(figure)
 
 
-def write_all(workdir, records, task, params, test, tokenizer, names) -> None:
-  """``curves.png`` and ``attention.png`` (the last layer, on a short test example)."""
+def write_all(workdir, records, task, params, data) -> None:
+  """``curves.png`` and ``attention.png`` (the last layer's heads on the test
+  example nearest 64 tokens)."""
   plot_curves(records, os.path.join(workdir, 'curves.png'))
-  lengths = test.lengths
-  index = int(min(range(len(test)), key=lambda i: abs(int(lengths[i]) - 32)))
+  test = data.splits['test']
+  index = int(np.argmin(np.abs(test.lengths - 64)))
   ids = test.tokens[index]
+  batch = {k: jnp.asarray(v) for k, v in batches_lib.one_example(ids).items()}
   model = task.model(params)
   layer = len(model.blocks) - 1
-  weights = model.attention_maps(jnp.asarray(ids)[None], jnp.asarray([len(ids)]), layer)
-  logits = model(jnp.asarray(ids)[None], jnp.asarray([len(ids)]))
-  predicted = names[int(jnp.argmax(logits))]
+  weights = np.asarray(model.attention_maps(batch, layer)[0])
+  predicted = data.names[int(jnp.argmax(model(batch)[0, 0]))]
   title = (
-    f'layer {layer}, test example {index}: label {names[int(test.labels[index])]}, '
-    f'predicted {predicted}'
+    f'layer {layer}, test example {index} ({len(ids)} tokens): label '
+    f'{data.names[int(test.labels[index])]}, predicted {predicted}'
   )
   plot_attention(
-    weights[0], tokenizer.decode(ids), title, os.path.join(workdir, 'attention.png')
+    weights, data.tokenizer.decode(ids), title, os.path.join(workdir, 'attention.png')
   )

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+import batches
+import jax
 import jax.numpy as jnp
 import numpy as np
+import steps
+import vocabulary
 
 import config as config_lib
-import data
-import train
 from checkpoints import Checkpoints
 
 
@@ -18,16 +20,16 @@ def load(workdir: str):
   """(task, params, tokenizer, label names, config) of the run in ``workdir``:
   the best validation checkpoint, else the latest."""
   config_path = os.path.join(workdir, 'config.json')
-  saved = data.load_vocabulary(workdir)
+  saved = vocabulary.load(workdir)
   if not os.path.exists(config_path) or saved is None:
     raise config_lib.UserError(
-      f'{workdir} lacks config.json, {data.VOCABULARY_FILE} or '
-      f'{data.LABELS_FILE}: is it the --workdir of a training run?'
+      f'{workdir} lacks config.json, {vocabulary.VOCABULARY_FILE} or '
+      f'{vocabulary.LABELS_FILE}: is it the --workdir of a training run?'
     )
   with open(config_path) as file:
     config = config_lib.Config(**json.load(file))
   tokenizer, names = saved
-  task, state = train.create(config, tokenizer.size, len(names))
+  task, state = steps.create(config, tokenizer.size, len(names))
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
   restored = checkpoints.restore(state, best=True) or checkpoints.restore(state)
   checkpoints.close()
@@ -41,11 +43,11 @@ def predict(workdir: str, texts: list[str]) -> list[dict[str, float]]:
   task, params, tokenizer, names, config = load(workdir)
   results = []
   for text in texts:
-    ids = tokenizer.encode(text, config.max_length)
-    probabilities = train.predict_step(
-      task, params, jnp.asarray(ids)[None], jnp.asarray([len(ids)])
+    batch = batches.one_example(tokenizer.encode(text, config.max_length))
+    probabilities = steps.predict_step(task, params, jax.tree.map(jnp.asarray, batch))
+    results.append(
+      dict(zip(names, np.asarray(probabilities[0, 0]).tolist(), strict=True))
     )
-    results.append(dict(zip(names, np.asarray(probabilities[0]).tolist(), strict=True)))
   return results
 
 

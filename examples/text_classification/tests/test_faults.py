@@ -12,6 +12,7 @@ import jax
 import main
 import numpy as np
 import pytest
+import workdir as workdir_lib
 from test_train import MAIN, TINY, final_params, read_json, read_metrics, run_main
 
 import config as config_lib
@@ -80,8 +81,9 @@ def test_damaged_best_checkpoint_falls_back_to_the_latest(tmp_path, capsys):
   flags = [*TINY, '--workdir', str(tmp_path), '--eval_every', '5']
   main.main([*flags, '--num_steps', '10'])
   damage(tmp_path / 'best')
+  os.remove(tmp_path / 'summary.json')  # as if killed while testing
   capsys.readouterr()
-  main.main([*flags, '--num_steps', '10'])  # a finished run, tested again
+  main.main([*flags, '--num_steps', '10'])  # trained: it is tested again
   err = capsys.readouterr().err
   assert 'is damaged' in err and 'testing the latest state (step 10)' in err
   assert read_json(tmp_path / 'summary.json')['best_step'] == 10
@@ -114,7 +116,7 @@ def test_flags_that_steer_the_run_may_change(tmp_path):
   path = tmp_path / 'config.json'
   with open(path, 'w') as file:
     json.dump({**config.__dict__, 'num_steps': 10, 'log_every': 7}, file)
-  train._check_workdir_config(config, str(path))
+  workdir_lib.check_config(config)
 
 
 def test_a_data_error_is_one_line_and_status_2(tmp_path):

@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 
+import batches
 import jax
 import jax.numpy as jnp
 import main
 import numpy as np
 import pytest
+import steps
+from jax.sharding import PartitionSpec as P
 
 import config as config_lib
 import predict
@@ -58,7 +61,7 @@ def read_json(path):
 
 def final_params(workdir):
   config = config_lib.Config(**read_json(os.path.join(workdir, 'config.json')))
-  _, state = train.create(config, 18, 10)
+  _, state = steps.create(config, 18, 10)
   checkpoints = Checkpoints(str(workdir), 3)
   restored = checkpoints.restore(state)
   checkpoints.close()
@@ -98,6 +101,30 @@ def test_tiny_run_trains_checkpoints_plots_and_predicts(tmp_path, capsys):
   assert "'[MAX 2 9 ]' ->" in capsys.readouterr().out
 
 
+def test_a_rerun_keeps_a_finished_summary_and_a_resumed_one_adds_up(tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  flags = [*TINY, '--workdir', str(workdir), '--eval_every', '20']
+  main.main([*flags, '--num_steps', '20'])
+  first = (workdir / 'summary.json').read_text()
+  capsys.readouterr()
+  main.main([*flags, '--num_steps', '20'])  # finished: a no-op
+  out = capsys.readouterr().out
+  assert (workdir / 'summary.json').read_text() == first
+  assert (
+    'holds a finished run' in out and 'tokens/s' in out and ' 0 tokens/s' not in out
+  )
+  main.main([*flags, '--num_steps', '40'])  # goes on
+  parts = read_json(workdir / 'summary.json')
+  whole = tmp_path / 'whole'
+  main.main([*TINY, '--workdir', str(whole), '--eval_every', '20', '--num_steps', '40'])
+  alone = read_json(whole / 'summary.json')
+  assert (
+    parts['train_tokens'] == alone['train_tokens'] > json.loads(first)['train_tokens']
+  )
+  assert parts['wall_seconds'] > json.loads(first)['wall_seconds']
+  assert parts['train_tokens_per_second'] > 0
+
+
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
   checkpoints = Checkpoints(str(tmp_path), keep=3)
   for step in (1, 2):
@@ -116,14 +143,14 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(
   tmp_path, monkeypatch
 ):
-  healthy = train.train_step
+  healthy = steps.train_step
 
   def poisoned(task, state, batch, rng):  # the loss turns NaN after step 12
     state, sums = healthy(task, state, batch, rng)
     bad = state['step'] > 12
     return state, {**sums, 'loss_sum': jnp.where(bad, jnp.nan, sums['loss_sum'])}
 
-  monkeypatch.setattr(train, 'train_step', poisoned)
+  monkeypatch.setattr(steps, 'train_step', poisoned)
   flags = [*TINY, '--workdir', str(tmp_path), '--checkpoint_every', '5']
   with pytest.raises(SystemExit, match=r'not finite at step 13.*\(step 10\)'):
     main.main([*flags, '--num_steps', '40', '--eval_every', '10'])
@@ -139,16 +166,14 @@ def test_data_parallel_step_equals_single_device_step():
     num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, batch_size=16, model_axis=2
   )
   rng = np.random.default_rng(0)
-  lengths = rng.integers(1, 24, 16).astype(np.int32)
-  batch = {
-    'tokens': np.where(
-      np.arange(24) < lengths[:, None], rng.integers(3, 18, (16, 24)), 0
-    ),
-    'lengths': lengths,
-    'labels': rng.integers(0, 10, 16).astype(np.int32),
-    'weights': np.ones(16, np.float32),
-  }
-  batch['tokens'] = batch['tokens'].astype(np.int32)
+  lengths = rng.integers(2, 24, 40)
+  encoded = batches.Encoded(
+    [rng.integers(3, 18, n).astype(np.int32) for n in lengths],
+    rng.integers(0, 10, 40).astype(np.int32),
+  )
+  layout = batches.Layout.of(config, [encoded])
+  rows = batches.pack(encoded.lengths, np.arange(40), layout.width, layout.slots)
+  batch = batches.make_batch(encoded, rows[:16], 16, layout)
   results = []
   for devices, model_axis in (
     (jax.devices()[:1], 1),
@@ -156,18 +181,21 @@ def test_data_parallel_step_equals_single_device_step():
     (jax.devices(), 2),
   ):
     config.model_axis = model_axis
-    task, state = train.create(config, 18, 10)
-    shardings, batch_sharding, train_fn, _ = train.jit_steps(
-      task, state, train.make_mesh(config, devices)
-    )
-    state = jax.device_put(state, shardings)
+    task, state = steps.create(config, 18, 10)
+    jitted = steps.jit_steps(task, state, steps.make_mesh(config, devices))
+    state = jax.device_put(state, jitted.state_sharding)
     for step in range(2):
-      state, metrics = train_fn(
-        state, jax.device_put(batch, batch_sharding), jax.random.key(step)
+      state, metrics = jitted.train(
+        state, jax.device_put(batch, jitted.batch_sharding), jax.random.key(step)
       )
     if model_axis == 2:  # heads and MLP hidden units really are split
-      kernel = state['params']['blocks'][0]['mlp_in']['kernel']
-      assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'model')
+      block = state['params']['blocks'][0]
+      assert block['mlp_in']['kernel'].sharding.spec == P(None, 'model')
+      assert block['attention']['query']['kernel'].sharding.spec == P(
+        None, 'model', None
+      )
+      mu = state['opt_state'][1][0].mu['blocks'][0]['mlp_out']['kernel']
+      assert mu.sharding.spec == P('model', None)  # Adam's moments follow
     results.append((jax.device_get(state), jax.device_get(metrics)))
   for state, metrics in results[1:]:
     jax.tree.map(
@@ -180,6 +208,44 @@ def test_data_parallel_step_equals_single_device_step():
     np.testing.assert_allclose(
       metrics['loss_sum'], results[0][1]['loss_sum'], rtol=1e-5
     )
+
+
+def test_help_describes_every_flag_and_its_allowed_values(capsys):
+  with pytest.raises(SystemExit):
+    main.parse(['--help'])
+  text = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines
+  for field in config_lib.Config.__dataclass_fields__.values():
+    assert f'--{field.name}' in text
+    assert config_lib.describe(field).replace('%', '%') in text, field.name
+  for flag, allowed in [
+    ('tokenizer', 'word, byte'),
+    ('attention', 'default, flash, reference, xla, cudnn, flax'),
+    ('positions', 'learned, sinusoidal'),
+    ('pooling', 'cls, mean'),
+    ('dtype', 'float32, bfloat16'),
+  ]:
+    assert f'--{flag} {{{allowed.replace(", ", ",")}}}' in text
+    assert f'one of {allowed}' in text
+  assert 'default: 20000' in text and '--predict' in text and 'lra_listops' in text
+  assert 'Hugging Face' in text  # --dataset says what it takes
+
+
+def test_progress_starts_after_compiling_and_shows_validation_once_there_is_one():
+  config = config_lib.Config(num_steps=100)
+  progress = train.Progress(config, start=40, best=None)
+  progress.step(41)  # the first step, compiled: the bar starts here
+  assert progress.bar.n == 41
+  record = {'split': 'train', 'loss': 1.0, 'accuracy': 0.5, 'tokens_per_second': 9.0}
+  progress.show(record)
+  assert 'best_val' not in progress.postfix
+  progress.step(42)
+  progress.show({'split': 'validation', 'accuracy': 0.25, 'loss': 2.0})
+  progress.show(record)
+  assert progress.postfix['best_val'] == '0.250' and progress.bar.n == 42
+  resumed = train.Progress(config, start=60, best=0.3)
+  resumed.step(61)
+  resumed.show(record)
+  assert resumed.postfix['best_val'] == '0.300'
 
 
 def test_help_lists_every_flag_with_its_default(capsys):
@@ -216,4 +282,4 @@ def test_bad_flags_name_the_flag():
   with pytest.raises(ValueError, match='--pooling'):
     config_lib.validate(config_lib.Config(pooling='max'))
   with pytest.raises(ValueError, match='--batch_size 12 must be a multiple of the 8'):
-    train.make_mesh(config_lib.Config(batch_size=12))
+    steps.make_mesh(config_lib.Config(batch_size=12))
