@@ -9,7 +9,7 @@ Every batch, for training and evaluation, packed or not, is one dict:
   weights   [R, N] float32  1 for a real example, 0 for an empty slot
 
 R rows of W tokens, each with up to N examples. Packed (the default), a row
-holds as many whole examples as fit (first-fit decreasing), so hardly a token
+holds as many whole examples as fit (best-fit decreasing), so hardly a token
 is padding and every batch has the same shape; attention keeps the examples
 apart by their segment ids. Unpacked, a row holds one example and rows of
 similar length are batched together, padded to a multiple of ``bucket_width``.
@@ -82,24 +82,30 @@ class Layout:
 
 
 def pack(lengths: np.ndarray, order: np.ndarray, width: int, slots: int) -> list:
-  """Rows of example indices: first-fit decreasing, ``order`` breaking ties.
+  """Rows of example indices, best-fit decreasing: longest first, each example
+  goes to the open row it leaves least room in (``order`` breaks ties).
 
   Each row's lengths add up to at most ``width``, with at most ``slots``.
   """
   order = order[np.argsort(-lengths[order], kind='stable')]
-  free = np.zeros(len(order), np.int64)  # per open row
-  count = np.zeros(len(order), np.int64)
+  by_room = [[] for _ in range(width + 1)]  # open rows by free tokens
+  open_count = np.zeros(width + 1, np.int64)
   rows: list[list[int]] = []
   for index in order:
-    length = lengths[index]
-    fits = np.flatnonzero((free[: len(rows)] >= length) & (count[: len(rows)] < slots))
-    row = int(fits[0]) if len(fits) else len(rows)
-    if row == len(rows):
+    length = int(lengths[index])
+    fits = np.flatnonzero(open_count[length:])
+    if len(fits):
+      room = length + int(fits[0])
+      row = by_room[room].pop()
+      open_count[room] -= 1
+    else:
+      room, row = width, len(rows)
       rows.append([])
-      free[row] = width
     rows[row].append(int(index))
-    free[row] -= length
-    count[row] += 1
+    room -= length
+    if room and len(rows[row]) < slots:
+      by_room[room].append(row)
+      open_count[room] += 1
   return rows
 
 

@@ -97,7 +97,7 @@ def generate(
   *,
   min_length: int,
   max_length: int,
-  seed: int,
+  seed: int | str,
   max_depth: int = 10,
   max_args: int = 10,
 ) -> list[tuple[str, int]]:

@@ -89,7 +89,7 @@ def run(config: config_lib.Config, texts: list[str]) -> None:
 
   summary = train.train_and_evaluate(config)
   print(
-    f'\nbest validation accuracy {summary["best_validation_accuracy"]:.4f} (step '
+    f'\nbest validation accuracy {summary["best_validation_accuracy"] or 0:.4f} (step '
     f'{summary["best_step"]}); test accuracy {summary["test_accuracy"]:.4f} '
     f'(majority class {summary["majority_class_test_accuracy"]:.4f}); '
     f'{summary["wall_seconds"]:.0f} s wall over {summary["train_tokens"]} '

@@ -190,6 +190,17 @@ class Progress:
       self.bar.close()
 
 
+def validate(config, steps, state, data: Data, log, checkpoints) -> dict:
+  """Logs the validation record of ``state``, checkpointed as the best if it is."""
+  result = evaluate(steps, state, data.splits['validation'], data.layout, config)
+  best = log.best_accuracy()
+  if best is None or result['accuracy'] > best:
+    checkpoints.save(state, best=True)
+  record = {'step': int(state['step']), 'split': 'validation', **result}
+  log.write(record)
+  return record
+
+
 def train(config, steps, state, data: Data, log, checkpoints: Checkpoints, window):
   """Steps from ``state`` to ``config.num_steps``: records every
   ``log_every`` steps and at each checkpoint, validates every ``eval_every``
@@ -229,12 +240,7 @@ def train(config, steps, state, data: Data, log, checkpoints: Checkpoints, windo
         stopping = False
       evaluating = step % config.eval_every == 0 or at_end
       if evaluating:
-        result = evaluate(steps, state, data.splits['validation'], data.layout, config)
-        if result['accuracy'] > (log.best_accuracy() or -1.0):
-          checkpoints.save(state, best=True)
-        record = {'step': step, 'split': 'validation', **result}
-        log.write(record)
-        progress.show(record)
+        progress.show(validate(config, steps, state, data, log, checkpoints))
       if checkpoint or stopping:
         checkpoints.save(state)
       if evaluating or checkpoint:

@@ -18,6 +18,17 @@ import vocabulary
 import config as config_lib
 
 CONFIG, METRICS, SUMMARY = 'config.json', 'metrics.jsonl', 'summary.json'
+SUMMARY_KEYS = {
+  'best_validation_accuracy',
+  'best_step',
+  'test_accuracy',
+  'majority_class_test_accuracy',
+  'steps',
+  'train_tokens',
+  'train_tokens_per_second',
+  'wall_seconds',
+  'devices',
+}
 
 
 def check_config(config) -> None:
@@ -127,7 +138,8 @@ def read_summary(config) -> dict | None:
       summary = json.load(file)
   except (OSError, ValueError):
     return None
-  return summary if summary.get('steps') == config.num_steps else None
+  finished = isinstance(summary, dict) and summary.get('steps') == config.num_steps
+  return summary if finished and set(summary) >= SUMMARY_KEYS else None
 
 
 def write_summary(workdir: str, summary: dict) -> None:

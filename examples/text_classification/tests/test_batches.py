@@ -39,7 +39,7 @@ def test_pack_keeps_every_example_once_within_width_and_slots():
   assert sorted(flat) == list(range(3000))
   assert all(sum(lengths[row]) <= 144 and len(row) <= 5 for row in rows)
   fewest = max(lengths.sum() / 144, 3000 / 5)  # no packing needs fewer rows
-  assert len(rows) < 1.07 * fewest  # first-fit decreasing packs tight
+  assert len(rows) < 1.07 * fewest  # best-fit decreasing packs tight
   assert rows == batches.pack(lengths, np.arange(3000), width=144, slots=5)
   rows = batches.pack(lengths, np.arange(3000)[::-1], width=144, slots=8)
   assert lengths.sum() / (144 * len(rows)) > 0.95

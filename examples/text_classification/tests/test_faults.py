@@ -72,9 +72,18 @@ def test_sigterm_and_kill_9_then_resume_match_an_uninterrupted_run(tmp_path):
   assert 'is a partial record; dropped' in resumed.stderr
 
   expected = final_params(tmp_path / 'whole')
+  whole_summary = read_json(tmp_path / 'whole' / 'summary.json')
   for run in (workdir, killed):
     assert read_metrics(run) == read_metrics(tmp_path / 'whole')
     jax.tree.map(np.testing.assert_array_equal, final_params(run), expected)
+  # The resumed run's summary adds up its parts: every token trained once.
+  parts = read_json(workdir / 'summary.json')
+  assert parts['train_tokens'] == whole_summary['train_tokens'] > 0
+  with open(workdir / 'metrics.jsonl') as file:
+    records = [json.loads(line) for line in file if '"train"' in line]
+  first_part = [r['seconds'] for r in records if r['step'] <= stopped_at]
+  second_part = [r['seconds'] for r in records if r['step'] > stopped_at]
+  assert 0 < first_part[-1] < second_part[0] < parts['wall_seconds']
 
 
 def test_damaged_best_checkpoint_falls_back_to_the_latest(tmp_path, capsys):

@@ -45,8 +45,9 @@ def logits(config, params, batch, **kwargs):
   return task.model(params)(batch, **kwargs)
 
 
-@pytest.mark.parametrize('pooling', ['cls', 'mean'])
-@pytest.mark.parametrize('positions', ['learned', 'sinusoidal'])
+@pytest.mark.parametrize(
+  'pooling, positions', [('cls', 'learned'), ('mean', 'sinusoidal')]
+)
 def test_packed_examples_get_the_logits_they_get_alone(pooling, positions):
   config = config_lib.Config(**SMALL, pooling=pooling, positions=positions)
   _, state = steps.create(config, 20, 5)
@@ -116,8 +117,9 @@ def test_dropout_is_keyed_and_bfloat16_runs():
   assert kernel.dtype == jnp.float32  # parameters stay float32
 
 
-@pytest.mark.parametrize('attention', ['default', 'flax'])
-@pytest.mark.parametrize('use_packing', [True, False])
+@pytest.mark.parametrize(
+  'attention, use_packing', [('default', True), ('default', False), ('flax', True)]
+)
 def test_attention_maps_are_distributions_inside_each_example(attention, use_packing):
   config = config_lib.Config(**SMALL, attention=attention)
   task, state = steps.create(config, 20, 5)
