@@ -36,11 +36,10 @@ sys.path.insert(
   0, os.path.join(os.path.dirname(__file__), '..', 'examples', 'text_classification')
 )
 import batches
-import steps
-import vocabulary
-
 import config as config_lib
 import listops
+import steps
+import vocabulary
 
 VOCAB, CLASSES = 32, 10
 

@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
 from sources import DataError, Example
 from vocabulary import Tokenizer, label_ids
 

@@ -40,7 +40,7 @@ class Config:
   split_fraction: float = setting(
     0.1, 'share of --train_file held out for validation and for test'
   )
-  train_size: int = setting(20_000, 'ListOps training examples')
+  train_size: int = setting(60_000, 'ListOps training examples')
   val_size: int = setting(1_000, 'ListOps validation examples')
   test_size: int = setting(2_000, 'ListOps test examples')
   listops_min_length: int = setting(16, 'shortest ListOps expression, in tokens')
@@ -67,7 +67,7 @@ class Config:
   embed_dim: int = setting(64, 'model width E')
   num_heads: int = setting(4, 'attention heads H (they divide --embed_dim)')
   mlp_dim: int = setting(256, 'hidden units of each MLP')
-  dropout_rate: float = setting(0.1, 'dropout after embeddings and each block')
+  dropout_rate: float = setting(0.0, 'dropout after embeddings and each block')
   attention_dropout_rate: float = setting(0.0, 'dropout on the attention weights')
   positions: str = setting('learned', 'position embeddings', ('learned', 'sinusoidal'))
   pooling: str = setting(
@@ -89,10 +89,10 @@ class Config:
 
   # Training.
   seed: int = setting(0, 'seeds the data, its order, the initialisation and dropout')
-  batch_size: int = setting(32, 'rows per step, over all devices')
+  batch_size: int = setting(16, 'rows per step, over all devices')
   eval_batch_size: int = setting(64, 'rows per evaluation batch')
-  num_steps: int = setting(6_000, 'optimizer steps in all')
-  learning_rate: float = setting(2e-3, 'peak learning rate of AdamW')
+  num_steps: int = setting(2_700, 'optimizer steps in all')
+  learning_rate: float = setting(3e-3, 'peak learning rate of AdamW')
   warmup_steps: int = setting(300, 'linear warm-up, then cosine decay to 1%')
   weight_decay: float = setting(0.05, 'AdamW weight decay (not on biases, norms)')
   clip_norm: float = setting(1.0, 'gradients are clipped to this global norm')

@@ -10,9 +10,10 @@ import matplotlib
 import numpy as np
 
 matplotlib.use('Agg')
-import batches as batches_lib
 import matplotlib.pyplot as plt
 from matplotlib.colors import PowerNorm
+
+import batches as batches_lib
 
 
 def plot_curves(records: list[dict], path: str) -> None:
@@ -32,6 +33,17 @@ def plot_curves(records: list[dict], path: str) -> None:
   plt.close(figure)
 
 
+FONT_SIZE = 6.5  # of the token labels, in points
+
+
+def token_ticks(tokens: list[str], side: float) -> tuple[list[int], list[str]]:
+  """Tick positions and labels for a ``side``-inch axis: every token where
+  they fit, else every k-th, labelled with its index too."""
+  every = math.ceil(len(tokens) * (FONT_SIZE + 1) / (side * 72))  # in points
+  ticks = list(range(0, len(tokens), every))
+  return ticks, [tokens[i] if every == 1 else f'{tokens[i]} {i}' for i in ticks]
+
+
 def plot_attention(weights: np.ndarray, tokens: list[str], title: str, path: str):
   """Every head's ``[T, T]`` map, two per row, on one colour scale (square
   root, so that weak links show too); queries down, keys across, tokens on
@@ -39,7 +51,7 @@ def plot_attention(weights: np.ndarray, tokens: list[str], title: str, path: str
   heads, length = weights.shape[0], len(tokens)
   columns = min(heads, 2)
   rows = math.ceil(heads / columns)
-  side = min(max(4.5, 0.1 * length), 14.0)  # inches per head
+  side = min(max(4.5, 0.11 * length), 14.0)  # inches per head
   figure, axes = plt.subplots(
     rows,
     columns,
@@ -47,10 +59,7 @@ def plot_attention(weights: np.ndarray, tokens: list[str], title: str, path: str
     squeeze=False,
     layout='constrained',
   )
-  fontsize = 7
-  every = math.ceil(length * (fontsize + 1.5) / (side * 72))  # points per label
-  ticks = list(range(0, length, every))
-  labels = [tokens[i] if every == 1 else f'{tokens[i]} {i}' for i in ticks]
+  ticks, labels = token_ticks(tokens, side)
   scale = PowerNorm(0.5, vmin=0.0, vmax=max(float(weights.max()), 1e-6))
   image = None
   for head, axis in enumerate(axes.flat):
@@ -59,8 +68,8 @@ def plot_attention(weights: np.ndarray, tokens: list[str], title: str, path: str
       continue
     image = axis.imshow(weights[head], cmap='viridis', norm=scale)
     axis.set_title(f'head {head}', fontsize=12)
-    axis.set_xticks(ticks, labels, rotation=90, fontsize=fontsize)
-    axis.set_yticks(ticks, labels, fontsize=fontsize)
+    axis.set_xticks(ticks, labels, rotation=90, fontsize=FONT_SIZE)
+    axis.set_yticks(ticks, labels, fontsize=FONT_SIZE)
     axis.set_xlabel('key', fontsize=12)
     axis.set_ylabel('query', fontsize=12)
   bar = figure.colorbar(image, ax=axes, shrink=0.6, aspect=30)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 
-import batches
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import batches
+import config as config_lib
 import steps
 import vocabulary
-
-import config as config_lib
 from checkpoints import Checkpoints
 
 

@@ -14,15 +14,15 @@ import sys
 import time
 from typing import NamedTuple
 
-import batches as batches_lib
 import jax
 import numpy as np
+
+import batches as batches_lib
+import config as config_lib
 import sources
 import steps as steps_lib
 import vocabulary
 import workdir
-
-import config as config_lib
 from checkpoints import Checkpoints
 
 
@@ -150,14 +150,16 @@ class Window:
 
 
 class Progress:
-  """A tqdm bar that starts after the first step compiled (so its rate and ETA
-  are the steady ones) and shows validation accuracy once there is one."""
+  """A tqdm bar that starts after the first step compiled and moves at each
+  train record, when the queued steps have run (so its rate and ETA are the
+  steady ones); it shows validation accuracy once there is one."""
 
-  def __init__(self, config, start: int, best: float | None):
-    self.config, self.start, self.best = config, start, best
+  def __init__(self, config, best: float | None):
+    self.config, self.best = config, best
     self.bar, self.postfix = None, {}
 
   def step(self, step: int) -> None:
+    """Moves the bar to ``step`` (creating it at the first)."""
     if self.bar is None:
       from tqdm.auto import tqdm
 
@@ -169,7 +171,7 @@ class Progress:
         dynamic_ncols=True,
       )
     else:
-      self.bar.update()
+      self.bar.update(step - self.bar.n)
 
   def show(self, record: dict) -> None:
     if record['split'] == 'validation':
@@ -209,7 +211,7 @@ def train(config, steps, state, data: Data, log, checkpoints: Checkpoints, windo
   start = int(state['step'])
   batches = batches_lib.train_batches(data.splits['train'], data.layout, config, start)
   dropout_key = jax.random.key(config.seed + 1)
-  progress = Progress(config, start, log.best_accuracy())
+  progress = Progress(config, log.best_accuracy())
   if start < config.num_steps and config.progress:
     print('compiling the train step ...', flush=True)
   with StopRequest() as stop:
@@ -219,7 +221,7 @@ def train(config, steps, state, data: Data, log, checkpoints: Checkpoints, windo
       window.add(sums, batch)
       if step == start + 1:
         window.restart_clock()  # leaves compilation out of tokens/s
-      progress.step(step)
+        progress.step(step)
       at_end = step == config.num_steps
       checkpoint = step % config.checkpoint_every == 0 or at_end
       if step % config.log_every == 0 or checkpoint:
@@ -234,6 +236,7 @@ def train(config, steps, state, data: Data, log, checkpoints: Checkpoints, windo
             '--clip_norm (or use --dtype float32) and rerun to resume from it.'
           ) from None
         log.write(record)
+        progress.step(step)
         progress.show(record)
         stopping = stop.signal is not None
       else:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+
 from sources import DataError, Example
 
 PAD, UNK, CLS = '[PAD]', '[UNK]', '[CLS]'

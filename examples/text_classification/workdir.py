@@ -13,9 +13,8 @@ import json
 import os
 import sys
 
-import vocabulary
-
 import config as config_lib
+import vocabulary
 
 CONFIG, METRICS, SUMMARY = 'config.json', 'metrics.jsonl', 'summary.json'
 SUMMARY_KEYS = {

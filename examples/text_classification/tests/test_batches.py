@@ -1,9 +1,9 @@
 """Batches: packing, the per-epoch order, resuming mid-epoch, evaluation cover."""
 
-import batches
 import numpy as np
 import pytest
 
+import batches
 import config as config_lib
 
 

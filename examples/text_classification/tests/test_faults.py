@@ -9,14 +9,14 @@ import sys
 import time
 
 import jax
-import main
 import numpy as np
 import pytest
-import workdir as workdir_lib
 from test_train import MAIN, TINY, final_params, read_json, read_metrics, run_main
 
 import config as config_lib
+import main
 import train
+import workdir as workdir_lib
 
 
 def damage(directory):

@@ -2,16 +2,16 @@
 attention agree on the same weights; padding, pooling, positions, dropout,
 bfloat16 and the attention maps behave."""
 
-import batches
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import steps
 from flax import nnx
 
+import batches
 import config as config_lib
 import model as model_lib
+import steps
 
 SMALL = dict(num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, max_length=64)
 LENGTHS = [9, 24, 5, 17, 12, 3]

@@ -2,10 +2,10 @@
 Hugging Face datasets (faked)."""
 
 import pytest
-import sources
-import vocabulary
 
 import config as config_lib
+import sources
+import vocabulary
 
 
 def write(path, text):

@@ -6,17 +6,17 @@ import os
 import subprocess
 import sys
 
-import batches
 import jax
 import jax.numpy as jnp
-import main
 import numpy as np
 import pytest
-import steps
 from jax.sharding import PartitionSpec as P
 
+import batches
 import config as config_lib
+import main
 import predict
+import steps
 import train
 from checkpoints import Checkpoints
 
@@ -204,7 +204,7 @@ def test_help_describes_every_flag_and_its_allowed_values(capsys):
   text = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines
   for field in config_lib.Config.__dataclass_fields__.values():
     assert f'--{field.name}' in text
-    assert config_lib.describe(field).replace('%', '%') in text, field.name
+    assert config_lib.describe(field) in text, field.name
   for flag, allowed in [
     ('tokenizer', 'word, byte'),
     ('attention', 'default, flash, reference, xla, cudnn, flax'),
@@ -214,35 +214,26 @@ def test_help_describes_every_flag_and_its_allowed_values(capsys):
   ]:
     assert f'--{flag} {{{allowed.replace(", ", ",")}}}' in text
     assert f'one of {allowed}' in text
-  assert 'default: 20000' in text and '--predict' in text and 'lra_listops' in text
+  assert 'default: 60000' in text and '--predict' in text and 'lra_listops' in text
   assert 'Hugging Face' in text  # --dataset says what it takes
 
 
 def test_progress_starts_after_compiling_and_shows_validation_once_there_is_one():
   config = config_lib.Config(num_steps=100)
-  progress = train.Progress(config, start=40, best=None)
+  progress = train.Progress(config, best=None)
   progress.step(41)  # the first step, compiled: the bar starts here
   assert progress.bar.n == 41
   record = {'split': 'train', 'loss': 1.0, 'accuracy': 0.5, 'tokens_per_second': 9.0}
   progress.show(record)
   assert 'best_val' not in progress.postfix
-  progress.step(42)
+  progress.step(60)  # the next record
   progress.show({'split': 'validation', 'accuracy': 0.25, 'loss': 2.0})
   progress.show(record)
-  assert progress.postfix['best_val'] == '0.250' and progress.bar.n == 42
-  resumed = train.Progress(config, start=60, best=0.3)
+  assert progress.postfix['best_val'] == '0.250' and progress.bar.n == 60
+  resumed = train.Progress(config, best=0.3)
   resumed.step(61)
   resumed.show(record)
   assert resumed.postfix['best_val'] == '0.300'
-
-
-def test_help_lists_every_flag_with_its_default(capsys):
-  with pytest.raises(SystemExit):
-    main.parse(['--help'])
-  text = capsys.readouterr().out
-  for field in config_lib.Config.__dataclass_fields__.values():
-    assert f'--{field.name}' in text
-  assert 'default: 20000' in text and '--predict' in text and 'lra_listops' in text
 
 
 def test_presets_and_flags_combine():
