@@ -88,10 +88,7 @@ def full_rows(batch_size: int, length: int) -> dict:
     [rng.integers(3, VOCAB, length).astype(np.int32) for _ in range(batch_size)],
     rng.integers(0, CLASSES, batch_size).astype(np.int32),
   )
-  layout = batches.Layout(packed=False, width=length, slots=1, bucket_width=length)
-  return batches.make_batch(
-    encoded, [[i] for i in range(batch_size)], batch_size, layout
-  )
+  return batches.one_per_row(encoded, length)
 
 
 def attention_table(args) -> list[dict]:

@@ -194,7 +194,12 @@ def eval_batches(data: Encoded, layout: Layout, batch_size: int) -> Iterator[dic
     yield make_batch(data, rows[start : start + batch_size], batch_size, layout)
 
 
+def one_per_row(data: Encoded, width: int) -> dict:
+  """Every example of ``data`` in a row of its own, ``width`` tokens wide."""
+  layout = Layout(packed=False, width=width, slots=1, bucket_width=width)
+  return make_batch(data, [[i] for i in range(len(data))], len(data), layout)
+
+
 def one_example(ids: np.ndarray) -> dict:
   """A batch of one row holding the example ``ids`` (label 0), for predictions."""
-  layout = Layout(packed=False, width=len(ids), slots=1, bucket_width=1)
-  return make_batch(Encoded([ids], np.zeros(1, np.int32)), [[0]], 1, layout)
+  return one_per_row(Encoded([ids], np.zeros(1, np.int32)), len(ids))

@@ -27,9 +27,7 @@ def data(lengths=LENGTHS, seed=0):
 
 def one_per_row(encoded, width=32):
   """Every example in a row of its own, padded to ``width``."""
-  layout = batches.Layout(packed=False, width=width, slots=1, bucket_width=width)
-  rows = [[i] for i in range(len(encoded))]
-  return jax.tree.map(jnp.asarray, batches.make_batch(encoded, rows, len(rows), layout))
+  return jax.tree.map(jnp.asarray, batches.one_per_row(encoded, width))
 
 
 def packed(encoded, width=32, slots=4):
