@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -83,3 +84,27 @@ def check_bool(x, name: str) -> None:
       f'Convert a 0/1 mask with `{name} != 0`; pass an additive mask '
       '(0 / -inf) as `bias`.'
     )
+
+
+def check_prng_key(rng, name: str) -> None:
+  """``rng`` is one PRNG key: typed (``jax.random.key``) or raw uint32 ``[2]``."""
+  dtype = getattr(rng, 'dtype', None)
+  typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+  raw = dtype == np.uint32 and tuple(rng.shape) == (2,)
+  if not (typed and rng.ndim == 0) and not raw:
+    raise TypeError(
+      f'`{name}` must be one PRNG key (jax.random.key(...) or '
+      f'jax.random.PRNGKey(...)); got {type(rng).__name__} with dtype '
+      f'{dtype} and shape {tuple(getattr(rng, "shape", ()))}.'
+    )
+
+
+def check_float_dtype(dtype, name: str):
+  """``dtype`` names a floating dtype; returns it as a NumPy dtype."""
+  try:
+    resolved = jnp.dtype(dtype)
+  except TypeError:
+    raise TypeError(f'`{name}` must be a floating dtype; got {dtype!r}.') from None
+  if not jnp.issubdtype(resolved, jnp.floating):
+    raise TypeError(f'`{name}` must be a floating dtype; got {resolved}.')
+  return resolved

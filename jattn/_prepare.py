@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jattn import _checks
 from jattn._options import Options, make_options
@@ -66,18 +65,6 @@ def split_arguments(
     **{name: arguments.get(name) for name in SequenceArrays._fields}
   )
   return arrays, make_options(**{n: arguments[n] for n in names if n in arguments})
-
-
-def _check_prng_key(rng) -> None:
-  dtype = getattr(rng, 'dtype', None)
-  typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-  raw = dtype == np.uint32 and tuple(rng.shape) == (2,)
-  if not (typed and rng.ndim == 0) and not raw:
-    raise TypeError(
-      '`dropout_rng` must be one PRNG key (jax.random.key(...) or '
-      f'jax.random.PRNGKey(...)); got {type(rng).__name__} with dtype '
-      f'{dtype} and shape {tuple(getattr(rng, "shape", ()))}.'
-    )
 
 
 def _flatten_batch(x, batch_shape, batch: int, name: str, layout: str):
@@ -209,7 +196,7 @@ def prepare(
     opts = dataclasses.replace(opts, scale=1.0 / math.sqrt(head_dim))
   seed = None
   if dropout_rng is not None:
-    _check_prng_key(dropout_rng)
+    _checks.check_prng_key(dropout_rng, 'dropout_rng')
   if opts.dropout_rate > 0.0:
     seed = jax.random.bits(dropout_rng, (batch, heads), jnp.uint32)
   vis = Visibility(

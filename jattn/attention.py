@@ -92,15 +92,24 @@ def dot_product_attention(
 @functools.partial(jax.jit, static_argnames='opts')
 def _attention_jit(query, key, value, bias, mask, arrays, dropout_rng, opts):
   p = _prepare.prepare(query, key, value, bias, mask, arrays, dropout_rng, opts)
-  if p.empty:  # B, T or S is zero: nothing to compute, rows see no key
-    out = jnp.zeros(p.batch_shape + query.shape[-3:-1] + value.shape[-1:], query.dtype)
-    lse = jnp.full(out.shape[:-1], -jnp.inf, query.dtype)
-    return (out, lse) if opts.return_residual else out
-  out, lse = _registry.select(p)(p)
-  out = out.reshape(p.batch_shape + query.shape[-3:-1] + (p.v.shape[-1],))
-  if not opts.return_residual:
+  return run(p, _registry.select)
+
+
+def run(p: _prepare.Prepared, kernel_for):
+  """The public result of the prepared call ``p`` with the kernel
+  ``kernel_for(p)``: ``[B..., T, H, V]``, and the log-sum-exp ``[B..., T, H]``
+  with ``return_residual``. B, T or S of zero need no kernel: rows see no key."""
+  q_len, heads = p.q.shape[1:3]
+  shape = p.batch_shape + (q_len, heads, p.v.shape[-1])
+  if p.empty:
+    out = jnp.zeros(shape, p.q.dtype)
+    lse = jnp.full(shape[:-1], -jnp.inf)
+  else:
+    out, lse = kernel_for(p)(p)
+    out, lse = out.reshape(shape), lse.reshape(shape[:-1])
+  if not p.opts.return_residual:
     return out
-  return out, lse.reshape(out.shape[:-1]).astype(query.dtype)
+  return out, lse.astype(p.q.dtype)
 
 
 def attention_weights(query, key, bias=None, mask=None, **options):

@@ -7,22 +7,55 @@ jattn's kernels (and its zero output for fully masked rows).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jattn.attention import attention_weights, dot_product_attention
+
+_CUSTOM_EINSUMS = (
+  'einsum_dot_general',
+  'qk_attn_weights_einsum',
+  'attn_weights_value_einsum',
+)
+
+
+def _matmul_precision(precision) -> str | None:
+  """Flax's ``precision`` (a ``lax.Precision``, its name, or a pair of them)
+  as a ``jax.default_matmul_precision`` name; None keeps the default."""
+  if precision is None:
+    return None
+  pair = precision if isinstance(precision, (tuple, list)) else (precision,)
+  try:
+    levels = [jax.lax.Precision(p) for p in pair]
+  except (TypeError, ValueError):
+    raise TypeError(
+      '`precision` must be None, a jax.lax.Precision, its name or a pair of '
+      f'them; got {precision!r}.'
+    ) from None
+  return max(levels, key=lambda p: p.value).name.lower()
 
 
 def flax_attention_fn(implementation: str | None = None, **options):
   """An ``attention_fn`` with Flax's signature that calls jattn.
 
   ``options`` are fixed ``jattn.dot_product_attention`` keywords (for example
-  ``logits_soft_cap``). Masks are taken as Flax takes them: boolean, or the
-  float 0/1 masks of ``make_causal_mask``, ``combine_masks`` and the decode
-  cache (non-zero = may attend). Weights sown for ``sow_weights=True`` are
-  the softmax before dropout, as Flax sows them. Flax's ``precision`` and
-  ``broadcast_dropout`` are accepted and ignored: jattn's logits are float32
-  and its dropout mask is drawn per batch element and head.
+  ``logits_soft_cap``). What Flax passes means what it means in Flax:
+
+  - masks: boolean, or the float 0/1 masks of ``make_causal_mask``,
+    ``combine_masks`` and the decode cache (non-zero = may attend);
+  - ``dtype``: queries, keys and values are cast to it, and the output has
+    it; the logits and softmax stay float32 inside jattn;
+  - weights sown for ``sow_weights=True`` are the softmax before dropout, in
+    ``dtype`` as Flax sows them (float32 with linen's
+    ``force_fp32_for_softmax=True``, whose output is then float32 too);
+  - ``precision`` sets the matmul precision of the call
+    (``jax.default_matmul_precision``);
+  - ``broadcast_dropout`` is ignored: jattn draws its dropout mask per batch
+    element and head;
+  - a custom ``einsum_dot_general``, ``qk_attn_weights_einsum`` or
+    ``attn_weights_value_einsum`` is a ``TypeError``: jattn's kernels are
+    not einsums. Keep Flax's default ``attention_fn`` for those.
   """
 
   def attention_fn(
@@ -39,30 +72,54 @@ def flax_attention_fn(implementation: str | None = None, **options):
     precision=None,
     module=None,
     is_causal=False,
+    force_fp32_for_softmax=False,
+    einsum_dot_general=None,
+    qk_attn_weights_einsum=None,
+    attn_weights_value_einsum=None,
   ):
-    del broadcast_dropout, precision
+    del broadcast_dropout
+    given = [
+      name
+      for name, fn in zip(
+        _CUSTOM_EINSUMS,
+        (einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum),
+        strict=True,
+      )
+      if fn is not None
+    ]
+    if given:
+      raise TypeError(
+        f'flax_attention_fn does not take a custom einsum ({", ".join(given)}): '
+        "jattn's kernels are not einsums. Use Flax's default attention_fn for a "
+        'custom einsum, or `precision` for the matmul precision.'
+      )
     if dtype is not None:
       query, key, value = (x.astype(dtype) for x in (query, key, value))
+    dtype = query.dtype
     if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
       mask = jnp.asarray(mask) != 0
     kwargs = dict(is_causal=is_causal, **options)
-    if module is not None:  # Flax asked to sow the weights (before dropout)
-      weights = attention_weights(query, key, bias, mask, **kwargs)
-      if isinstance(module, nnx.Module):
-        module.sow(nnx.Intermediate, 'attention_weights', weights)
-      else:
-        module.sow('intermediates', 'attention_weights', weights)
-    return dot_product_attention(
-      query,
-      key,
-      value,
-      bias,
-      mask,
-      implementation=implementation,
-      dropout_rate=dropout_rate,
-      dropout_rng=dropout_rng,
-      deterministic=deterministic,
-      **kwargs,
-    )
+    fp32_softmax = force_fp32_for_softmax and dtype != jnp.float32
+    with jax.default_matmul_precision(_matmul_precision(precision)):
+      if module is not None:  # Flax asked to sow the weights (before dropout)
+        weights = attention_weights(query, key, bias, mask, **kwargs)
+        weights = weights if fp32_softmax else weights.astype(dtype)
+        if isinstance(module, nnx.Module):
+          module.sow(nnx.Intermediate, 'attention_weights', weights)
+        else:
+          module.sow('intermediates', 'attention_weights', weights)
+      out = dot_product_attention(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        implementation=implementation,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        deterministic=deterministic,
+        **kwargs,
+      )
+    return out.astype(jnp.float32) if fp32_softmax else out
 
   return attention_fn

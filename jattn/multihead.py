@@ -61,6 +61,7 @@ class Hyperparameters:
     if self.kv_features is not None:
       as_int(self.kv_features, 'kv_features', minimum=1)
     as_bool(self.use_bias, 'use_bias')
+    _checks.check_float_dtype(self.param_dtype, 'param_dtype')
     if self.head_dim is None and self.in_features % self.num_heads:
       raise ValueError(
         f'`in_features`={self.in_features} is not divisible by `num_heads`='
@@ -130,6 +131,7 @@ class Hyperparameters:
 
   def init(self, rng) -> dict[str, dict[str, jnp.ndarray]]:
     """A fresh parameter pytree."""
+    _checks.check_prng_key(rng, 'rng')
     rngs = jax.random.split(rng, len(PROJECTIONS))
     return {
       name: self.init_projection(name, r)

@@ -11,6 +11,7 @@ A mesh may have any subset of them; specs name only the axes the mesh has.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -18,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jattn import _prepare, _ring, attention
 
 DATA, MODEL, SEQ = 'data', 'model', 'seq'
 AXES = (DATA, MODEL, SEQ)
@@ -150,6 +153,7 @@ def ring_attention(
   *,
   mesh: Mesh,
   seq_axis: str = SEQ,
+  scale: float | None = None,
   is_causal: bool = False,
   query_seq_lengths=None,
   key_value_seq_lengths=None,
@@ -158,30 +162,45 @@ def ring_attention(
   local_window_size=None,
   attention_chunk_size=None,
   prefix_lengths=None,
-  scale: float | None = None,
   logits_soft_cap: float | None = None,
   dropout_rate: float = 0.0,
   dropout_rng=None,
   deterministic: bool | None = None,
+  implementation: str | None = None,
   block_sizes: tuple[int, int] | None = None,
+  return_residual: bool = False,
 ):
   """Sequence-parallel attention: T and S sharded over ``mesh[seq_axis]``.
 
-  Same arguments and result as ``jattn.dot_product_attention``, except a
-  dense ``mask`` or ``bias`` (``[T, S]`` is not sequence-shardable: a
-  ``ValueError``). Batch and heads are also split over the mesh's ``data``
-  and ``model`` axes when it has them and they divide B and both H and K.
+  The arguments and result of ``jattn.dot_product_attention`` (jit-compiled,
+  ``return_residual`` and zero sizes included), with two differences: every
+  ring step runs the flash kernel, so ``implementation`` may only be None or
+  ``'flash'``; and a dense ``mask`` or ``bias`` (``[T, S]`` is not
+  sequence-shardable) is a ``ValueError``, as is causal attention with
+  T != S. Batch and heads are also split over the mesh's ``data`` and
+  ``model`` axes when it has them and they divide B and both H and K.
   Causal attention runs in zig-zag order so every device does equal work.
   Any T and S work (padded inside to a multiple of the ring size; 2x for
   causal).
   """
-  from jattn import _prepare, _ring
-
   arrays, opts = _prepare.split_arguments(locals())
+  if opts.implementation not in (None, 'flash'):
+    raise ValueError(
+      "`implementation` of ring_attention must be None or 'flash' (each ring "
+      f'step is the flash kernel); got {opts.implementation!r}.'
+    )
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f'`mesh` must be a jax.sharding.Mesh; got {type(mesh).__name__}.')
+  return _ring_jit(
+    query, key, value, bias, mask, arrays, dropout_rng, opts, mesh, seq_axis
+  )
+
+
+@functools.partial(jax.jit, static_argnames=('opts', 'mesh', 'seq_axis'))
+def _ring_jit(query, key, value, bias, mask, arrays, dropout_rng, opts, mesh, seq_axis):
   p = _prepare.prepare(query, key, value, bias, mask, arrays, dropout_rng, opts)
   ring = _ring.Ring(mesh, seq_axis=seq_axis, data_axis=DATA, model_axis=MODEL)
   reasons = ring.supports(p)
   if reasons:
     raise ValueError(f'ring_attention cannot take this call: {"; ".join(reasons)}.')
-  out, _ = ring(p)
-  return out.reshape(p.batch_shape + out.shape[1:])
+  return attention.run(p, lambda p: ring)

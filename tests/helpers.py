@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -31,3 +32,27 @@ def qkv(
 
 def random_mask(seed, shape, p=0.7):
   return jax.random.bernoulli(jax.random.key(seed), p, shape)
+
+
+def compilations(fn, *args, **kwargs) -> int:
+  """How many XLA compilations calling ``fn`` triggers (jax.monitoring)."""
+  events = []
+  listener = lambda event, *_, **__: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    jax.block_until_ready(fn(*args, **kwargs))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return sum('backend_compile' in event for event in events)
+
+
+def numpy_attention(q, k, v, scale):
+  """The float64 oracle: (out [B, T, H, V], weights [B, H, T, S]) of plain
+  softmax attention with GQA (query head h reads KV head h // G)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  groups = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+  logits = scale * np.einsum('bthd,bshd->bhts', q, k)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum('bhts,bshv->bthv', weights, v), weights

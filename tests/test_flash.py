@@ -4,6 +4,7 @@ import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jattn
@@ -137,19 +138,33 @@ def test_property_random_shapes(
 
 @pytest.mark.parametrize('dtype', helpers.DTYPES, ids=lambda d: d.__name__)
 def test_empty_rows_and_extreme_logits(dtype):
+  # Row 3 sees no key; the others saturate (|q.k| ~ 1e4) across 3 x 3 blocks.
   q, k, v = helpers.qkv(0, q_len=20, kv_len=24, dtype=dtype)
   q, k = (q * 100).astype(dtype), (k * 100).astype(dtype)
   mask = jnp.ones((20, 1), bool).at[3].set(False)
-  fn = lambda q, k, v: jattn.dot_product_attention(
-    q, k, v, mask=mask, scale=1.0, implementation='flash', block_sizes=(8, 8)
+
+  def attend(impl):
+    return lambda q, k, v: jattn.dot_product_attention(
+      q, k, v, mask=mask, scale=1.0, implementation=impl, block_sizes=(8, 8)
+    )
+
+  out = attend('flash')(q, k, v)
+  expected, _ = helpers.numpy_attention(q, k, v, scale=1.0)
+  expected[:, 3] = 0.0
+  testing.assert_trees_close(out, expected.astype(dtype), dtype)
+
+  # Gradients equal the reference kernel's. A saturated softmax's dq and dk
+  # are rounding noise times |q|, |k| ~ 100: they are compared at that scale.
+  def grads(impl):
+    loss = lambda *a: attend(impl)(*a).astype(jnp.float32).sum()
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  (dq, dk, dv), (dq_ref, dk_ref, dv_ref) = grads('flash'), grads('reference')
+  testing.assert_trees_close(dv, dv_ref, dtype, grads=True)
+  testing.assert_trees_close(
+    (dq / 100, dk / 100), (dq_ref / 100, dk_ref / 100), dtype, grads=True
   )
-  out = fn(q, k, v)
-  grads = jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(
-    q, k, v
-  )
-  assert not bool(jnp.any(out[:, 3] != 0))
-  for x in (out, *grads):
-    assert bool(jnp.isfinite(x.astype(jnp.float32)).all())
+  np.testing.assert_array_equal(dq[:, 3], 0.0)  # the empty row's
 
 
 def flash_grad_temp_bytes(t, **kwargs):
@@ -176,6 +191,4 @@ def test_no_t_by_s_buffer():
     )
     return testing.temp_bytes(testing.compiled_gradient(fn, q, k, v))
 
-  flash = temp_bytes('flash')
-  assert flash < t * t * 4 / 4, flash
-  assert temp_bytes('xla') > t * t * 4  # the peer does hold [H, T, S]
+  assert temp_bytes('flash') < t * t * 4 / 4

@@ -125,3 +125,79 @@ def test_core_rejects_float_mask_with_a_useful_hint():
   q = jnp.ones((1, 3, 1, 4))
   with pytest.raises(TypeError, match=r'mask != 0'):
     jattn.dot_product_attention(q, q, q, mask=jnp.ones((3, 3)))
+
+
+@pytest.mark.parametrize('fp32_softmax', [False, True])
+def test_mixed_precision_follows_what_flax_asked_for(fp32_softmax):
+  # Flax's test_mixed_precision_multihead_attention: bfloat16 compute sows
+  # bfloat16 weights, unless force_fp32_for_softmax asks for float32 ones.
+  x = tokens()
+  kwargs = dict(num_heads=H, dtype=jnp.bfloat16, force_fp32_for_softmax=fp32_softmax)
+  theirs = nn.MultiHeadDotProductAttention(**kwargs)
+  ours = nn.MultiHeadDotProductAttention(
+    **kwargs, attention_fn=jattn.flax_attention_fn()
+  )
+  results = []
+  with jax.numpy_dtype_promotion('standard'):  # Flax mixes bf16 and f32 here
+    params = theirs.init(jax.random.key(0), x)
+    for module in (theirs, ours):
+      out, state = module.apply(params, x, sow_weights=True, mutable=['intermediates'])
+      results.append((out, state['intermediates']['attention_weights'][0]))
+  (out_theirs, w_theirs), (out_ours, w_ours) = results
+  assert w_ours.dtype == w_theirs.dtype
+  assert w_ours.dtype == (jnp.float32 if fp32_softmax else jnp.bfloat16)
+  assert out_ours.dtype == out_theirs.dtype
+  testing.assert_trees_close(w_ours, w_theirs, jnp.bfloat16)
+  testing.assert_trees_close(out_ours, out_theirs, jnp.bfloat16)
+
+
+def test_nnx_bfloat16_sows_bfloat16_weights():
+  x = tokens()
+  theirs, ours = nnx_pair(decode=False, dtype=jnp.bfloat16)
+  weights = []
+  with jax.numpy_dtype_promotion('standard'):
+    for module in (theirs, ours):
+      module(x, sow_weights=True)
+      weights.append(nnx.pop(module, nnx.Intermediate)['attention_weights'][0])
+  assert weights[1].dtype == weights[0].dtype == jnp.bfloat16
+  testing.assert_trees_close(weights[1], weights[0], jnp.bfloat16)
+
+
+@pytest.mark.parametrize(
+  'name', ['einsum_dot_general', 'qk_attn_weights_einsum', 'attn_weights_value_einsum']
+)
+def test_custom_einsum_is_a_clear_type_error(name):
+  q = tokens().reshape(B, T, H, E // H)
+  with pytest.raises(TypeError, match=rf'does not take a custom einsum \({name}\)'):
+    jattn.flax_attention_fn()(q, q, q, **{name: jnp.einsum})
+
+
+def test_linen_custom_einsum_module_is_refused():
+  module = nn.MultiHeadDotProductAttention(
+    num_heads=H,
+    attention_fn=jattn.flax_attention_fn(),
+    qk_attn_weights_einsum_cls=lambda: jnp.einsum,
+    attn_weights_value_einsum_cls=lambda: jnp.einsum,
+  )
+  with pytest.raises(TypeError, match='qk_attn_weights_einsum, attn_weights_value'):
+    module.init(jax.random.key(0), tokens())
+
+
+@pytest.mark.parametrize(
+  'precision, expected',
+  [(None, 'DEFAULT'), ('highest', 'HIGHEST'), (jax.lax.Precision.HIGH, 'HIGH')],
+)
+def test_precision_sets_the_matmul_precision(precision, expected):
+  q = tokens().reshape(B, T, H, E // H)
+  fn = jattn.flax_attention_fn(implementation='reference')
+  text = jax.jit(lambda q: fn(q, q, q, precision=precision)).lower(q).as_text()
+  configs = [line for line in text.splitlines() if 'dot_general' in line]
+  assert configs
+  for line in configs:
+    assert f'precision = [{expected}, {expected}]' in line, line
+
+
+def test_bad_precision_names_the_argument():
+  q = tokens().reshape(B, T, H, E // H)
+  with pytest.raises(TypeError, match='`precision`'):
+    jattn.flax_attention_fn()(q, q, q, precision='very')

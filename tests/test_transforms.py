@@ -58,10 +58,8 @@ def test_no_retrace_on_repeated_calls():
 
 
 def test_public_function_caches_its_compilation():
-  q, k, v = helpers.qkv(0)
-  jattn.dot_product_attention(q, k, v, local_window_size=[2, 1])
-  before = jattn.attention._attention_jit._cache_size()
-  for seed in range(1, 3):
-    q, k, v = helpers.qkv(seed)
-    jattn.dot_product_attention(q, k, v, local_window_size=[2, 1])
-  assert jattn.attention._attention_jit._cache_size() == before
+  call = lambda q, k, v: jattn.dot_product_attention(q, k, v, local_window_size=[2, 1])
+  shapes = dict(q_len=5, kv_len=11, heads=2, kv_heads=1)  # used by no other test
+  assert helpers.compilations(call, *helpers.qkv(0, **shapes)) > 0
+  for seed in range(1, 3):  # new values, same shapes and options: no compilation
+    assert helpers.compilations(call, *helpers.qkv(seed, **shapes)) == 0

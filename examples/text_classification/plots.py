@@ -45,6 +45,13 @@ def token_ticks(tokens: list[str], side: float) -> tuple[list[int], list[str]]:
 
 
 def plot_attention(weights: np.ndarray, tokens: list[str], title: str, path: str):
+  """``attention_figure`` saved as a PNG at ``path``."""
+  figure = attention_figure(weights, tokens, title)
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+
+
+def attention_figure(weights: np.ndarray, tokens: list[str], title: str):
   """Every head's ``[T, T]`` map, two per row, on one colour scale (square
   root, so that weak links show too); queries down, keys across, tokens on
   both axes (every k-th where they would overlap)."""
@@ -75,8 +82,7 @@ def plot_attention(weights: np.ndarray, tokens: list[str], title: str, path: str
   bar = figure.colorbar(image, ax=axes, shrink=0.6, aspect=30)
   bar.set_label('attention weight (square-root scale)', fontsize=11)
   figure.suptitle(title, fontsize=13)
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
+  return figure
 
 
 def write_all(workdir, records, task, params, data) -> None:
