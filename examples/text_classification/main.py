@@ -95,7 +95,7 @@ def run(config: config_lib.Config, texts: list[str]) -> None:
     f'{summary["wall_seconds"]:.0f} s wall over {summary["train_tokens"]} '
     f'training tokens ({summary["train_tokens_per_second"] or 0:.0f} tokens/s).\n'
     f'Outputs in {config.workdir}: metrics.jsonl, summary.json, curves.png, '
-    'attention.png, checkpoints/, best/, vocab.json, labels.json.'
+    'attention.png, checkpoints/ (the latest and the best), vocab.json, labels.json.'
   )
 
 

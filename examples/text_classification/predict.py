@@ -31,7 +31,7 @@ def load(workdir: str):
   tokenizer, names = saved
   task, state = steps.create(config, tokenizer.size, len(names))
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-  restored = checkpoints.restore(state, best=True) or checkpoints.restore(state)
+  restored = checkpoints.restore_best(state) or checkpoints.restore(state)
   checkpoints.close()
   if restored is None:
     raise config_lib.UserError(f'no checkpoint in {workdir}: train first.')

@@ -11,36 +11,41 @@ import time
 import jax
 import numpy as np
 import pytest
-from test_train import MAIN, TINY, final_params, read_json, read_metrics, run_main
+from test_train import (
+  MAIN,
+  TINY,
+  damage,
+  final_params,
+  read_json,
+  read_metrics,
+  run_main,
+)
 
 import config as config_lib
 import main
 import train
 import workdir as workdir_lib
-
-
-def damage(directory):
-  for root, _, names in os.walk(directory):
-    for name in names:
-      with open(os.path.join(root, name), 'wb') as file:
-        file.write(b'\0garbage')
+from checkpoints import Checkpoints
 
 
 def start_and_interrupt(workdir, flags, sig):
-  """Starts a run, sends ``sig`` once its step-20 checkpoint exists; returns
-  the finished process and its output."""
+  """Starts a run and freezes it (SIGSTOP) as soon as its step-20 checkpoint
+  exists, so that ``sig`` lands before the next one whatever the machine's
+  speed; returns the finished process and its output."""
   process = subprocess.Popen(
     [sys.executable, MAIN, *TINY, '--workdir', str(workdir), *flags],
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
   )
-  deadline = time.monotonic() + 240
+  deadline = time.monotonic() + 240  # a guard, not a synchronisation
   while not (workdir / 'checkpoints' / '20').exists() and process.poll() is None:
     assert time.monotonic() < deadline, 'no checkpoint appeared'
-    time.sleep(0.02)
-  time.sleep(0.3)  # between two checkpoints
+    time.sleep(0.005)
+  process.send_signal(signal.SIGSTOP)
+  assert not (workdir / 'checkpoints' / '30').exists()
   process.send_signal(sig)
+  process.send_signal(signal.SIGCONT)
   out, err = process.communicate(timeout=120)
   return process, out, err
 
@@ -89,15 +94,71 @@ def test_sigterm_and_kill_9_then_resume_match_an_uninterrupted_run(tmp_path):
 def test_damaged_best_checkpoint_falls_back_to_the_latest(tmp_path, capsys):
   flags = [*TINY, '--workdir', str(tmp_path), '--eval_every', '5']
   main.main([*flags, '--num_steps', '10'])
-  damage(tmp_path / 'best')
+  best = read_json(tmp_path / 'summary.json')['best_step']
+  damage(tmp_path / 'checkpoints' / str(best))
   os.remove(tmp_path / 'summary.json')  # as if killed while testing
   capsys.readouterr()
-  main.main([*flags, '--num_steps', '10'])  # trained: it is tested again
-  err = capsys.readouterr().err
-  assert 'is damaged' in err and 'testing the latest state (step 10)' in err
+  main.main([*flags, '--num_steps', '10'])  # it is tested again
+  captured = capsys.readouterr()
+  assert f'checkpoints/{best} is damaged' in captured.err
+  if best == 5:  # the latest state is tested instead
+    assert 'testing the latest state (step 10)' in captured.err
+  else:  # the latest was the best: steps 6-10 are redone from step 5
+    assert 'resuming at step 5' in captured.out
   assert read_json(tmp_path / 'summary.json')['best_step'] == 10
   main.main([*flags, '--num_steps', '15'])  # and a running one goes on
   assert int(final_params(tmp_path)['step']) == 15
+
+
+def test_a_second_signal_during_a_checkpoint_ends_the_run_after_it(
+  tmp_path, monkeypatch, capsys
+):
+  # Both signals land while step 10 is being saved: the save completes,
+  # then one line says how to resume, and the resumed run ends as usual.
+  save = Checkpoints.save
+
+  def save_under_signals(self, state, **kwargs):
+    if int(state['step']) == 10:
+      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signal.SIGINT)
+    save(self, state, **kwargs)
+
+  monkeypatch.setattr(Checkpoints, 'save', save_under_signals)
+  flags = [*TINY, '--workdir', str(tmp_path), '--num_steps', '20', '--eval_every', '20']
+  with pytest.raises(SystemExit) as info:
+    main.main([*flags, '--checkpoint_every', '10'])
+  assert info.value.code == 128 + signal.SIGTERM
+  out = capsys.readouterr().out
+  assert 'stopped by signal 15 at once (a second signal). Run the same' in out
+  assert 'Traceback' not in out
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10']
+  monkeypatch.setattr(Checkpoints, 'save', save)
+  main.main([*flags, '--checkpoint_every', '10'])
+  assert 'resuming at step 10' in capsys.readouterr().out
+  assert read_json(tmp_path / 'summary.json')['steps'] == 20
+
+
+def test_a_signal_while_testing_ends_the_run_with_one_line(
+  tmp_path, monkeypatch, capsys
+):
+  flags = [*TINY, '--workdir', str(tmp_path), '--num_steps', '10', '--eval_every', '10']
+  test = train.test
+
+  def test_under_signal(run, state, window):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return test(run, state, window)
+
+  monkeypatch.setattr(train, 'test', test_under_signal)
+  with pytest.raises(SystemExit) as info:
+    main.main(flags)
+  assert info.value.code == 128 + signal.SIGTERM
+  out = capsys.readouterr().out
+  assert 'stopped by signal 15 while testing (training is finished).' in out
+  assert not (tmp_path / 'summary.json').exists()
+  monkeypatch.setattr(train, 'test', test)
+  main.main(flags)  # the rerun tests the finished training
+  assert 'resuming at step 10' in capsys.readouterr().out
+  assert read_json(tmp_path / 'summary.json')['steps'] == 10
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import batches
 import config as config_lib
 import main
 import predict
+import progress as progress_lib
 import steps
 import train
 from checkpoints import Checkpoints
@@ -77,7 +78,6 @@ def test_tiny_run_trains_checkpoints_plots_and_predicts(tmp_path, capsys):
   train_losses = [r['loss'] for r in records if r['split'] == 'train']
   assert train_losses[-1] < train_losses[0] - 0.2
   assert [r['step'] for r in records if r['split'] == 'validation'] == [30, 60]
-  assert os.listdir(workdir / 'checkpoints') and os.listdir(workdir / 'best')
   for name in (
     'curves.png',
     'attention.png',
@@ -87,7 +87,10 @@ def test_tiny_run_trains_checkpoints_plots_and_predicts(tmp_path, capsys):
   ):
     assert (workdir / name).stat().st_size > 0, name
   summary = read_json(workdir / 'summary.json')
-  assert summary['test_accuracy'] > summary['majority_class_test_accuracy'] - 0.1
+  assert summary['test_accuracy'] > summary['majority_class_test_accuracy']
+  # One manager keeps the newest checkpoints and the best validated one.
+  kept = sorted(int(step) for step in os.listdir(workdir / 'checkpoints'))
+  assert summary['best_step'] in kept and kept[-1] == 60
   last_window = [r for r in records if r['split'] == 'train'][-1]
   assert summary['train_tokens'] == last_window['tokens'] > 0
   assert summary['train_tokens_per_second'] > 0
@@ -113,18 +116,57 @@ def test_tiny_run_trains_checkpoints_plots_and_predicts(tmp_path, capsys):
   assert "'[MAX 2 9 ]' ->" in capsys.readouterr().out
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
-  checkpoints = Checkpoints(str(tmp_path), keep=3)
-  for step in (1, 2):
-    checkpoints.save({'step': jnp.asarray(step), 'w': jnp.full((4,), float(step))})
-  for root, _, names in os.walk(tmp_path / 'checkpoints' / '2'):
+def damage(directory):
+  for root, _, names in os.walk(directory):
     for name in names:
       with open(os.path.join(root, name), 'wb') as file:
         file.write(b'\0garbage')
-  target = {'step': jnp.asarray(0), 'w': jnp.zeros((4,))}
-  restored = checkpoints.restore(target)
+
+
+def save_states(directory, accuracies: dict, keep=2):
+  checkpoints = Checkpoints(str(directory), keep=keep)
+  for step, accuracy in accuracies.items():
+    state = {'step': jnp.asarray(step), 'w': jnp.full((4,), float(step))}
+    checkpoints.save(state, accuracy=accuracy)
+  return checkpoints
+
+
+TARGET = {'step': jnp.asarray(0), 'w': jnp.zeros((4,))}
+
+
+def test_checkpoints_keep_the_newest_and_the_best(tmp_path):
+  checkpoints = save_states(tmp_path, {1: 0.5, 2: 0.9, 3: None, 4: 0.6, 5: None})
+  checkpoints.close()
+  checkpoints = Checkpoints(str(tmp_path), keep=2)  # as a resumed run finds them
+  assert sorted(checkpoints.manager.all_steps()) == [2, 4, 5]
+  assert int(checkpoints.restore_best(TARGET)['step']) == 2
+  assert int(checkpoints.restore(TARGET)['step']) == 5
+  checkpoints.close()
+
+
+def test_damaged_checkpoints_are_set_aside(tmp_path, capsys):
+  save_states(tmp_path, {1: 0.9, 2: None}, keep=3).close()
+  damage(tmp_path / 'checkpoints' / '2')  # the latest
+  damage(tmp_path / 'checkpoints' / '1')  # the best, metrics included
+  checkpoints = Checkpoints(str(tmp_path), keep=3)
+  assert checkpoints.restore_best(TARGET) is None
+  assert 'checkpoints/1 is damaged' in capsys.readouterr().err
+  with pytest.raises(config_lib.UserError, match='could be read'):
+    checkpoints.restore(TARGET)
+  assert 'checkpoints/2 is damaged' in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1.damaged', '2.damaged']
+  checkpoints.close()
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+  checkpoints = save_states(tmp_path, {1: None, 2: None}, keep=3)
+  damage(tmp_path / 'checkpoints' / '2')
+  restored = checkpoints.restore(TARGET)
   assert int(restored['step']) == 1 and float(restored['w'][0]) == 1.0
   assert 'checkpoints/2 is damaged' in capsys.readouterr().err
+  # The redone step 2 is saved afresh.
+  checkpoints.save({'step': jnp.asarray(2), 'w': jnp.full((4,), 7.0)})
+  assert float(checkpoints.restore(TARGET)['w'][0]) == 7.0
   checkpoints.close()
 
 
@@ -220,7 +262,7 @@ def test_help_describes_every_flag_and_its_allowed_values(capsys):
 
 def test_progress_starts_after_compiling_and_shows_validation_once_there_is_one():
   config = config_lib.Config(num_steps=100)
-  progress = train.Progress(config, best=None)
+  progress = progress_lib.Progress(config, best=None)
   progress.step(41)  # the first step, compiled: the bar starts here
   assert progress.bar.n == 41
   record = {'split': 'train', 'loss': 1.0, 'accuracy': 0.5, 'tokens_per_second': 9.0}
@@ -230,7 +272,7 @@ def test_progress_starts_after_compiling_and_shows_validation_once_there_is_one(
   progress.show({'split': 'validation', 'accuracy': 0.25, 'loss': 2.0})
   progress.show(record)
   assert progress.postfix['best_val'] == '0.250' and progress.bar.n == 60
-  resumed = train.Progress(config, best=0.3)
+  resumed = progress_lib.Progress(config, best=0.3)
   resumed.step(61)
   resumed.show(record)
   assert resumed.postfix['best_val'] == '0.300'
