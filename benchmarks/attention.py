@@ -3,7 +3,7 @@
     python -m benchmarks.attention            # full grid (tens of minutes)
     python -m benchmarks.attention --quick    # T in {512, 2048}, float32
 
-Every row is measured in this one process on this machine: forward and
+Every row is measured in one process on one machine: forward and
 forward+backward time (median of --repeats runs after a warm-up; compile time
 apart), GFLOP/s by FlashAttention's formula, the compiled temp memory from
 ``memory_analysis()`` (JAX only) and the growth of the process's peak RSS
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -233,10 +231,7 @@ def main():
   if args.quick:
     args.lengths, args.dtypes = [512, 2048], ['float32']
   args.out.mkdir(parents=True, exist_ok=True)
-  print(
-    f'jax {jax.__version__} on {jax.devices()[0].platform}, '
-    f'{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}'
-  )
+  print(timing.describe(timing.machine()))
   rows = add_ratios(
     run_grid(args.lengths, args.dtypes, args.repeats, args.skip_reference_above)
   )
@@ -248,8 +243,7 @@ def main():
   for name, value in speedups.items():
     print(f'  {name}: {value:.2f}x')
   result = {
-    'jax': jax.__version__,
-    'cpus': os.cpu_count(),
+    'machine': timing.machine(),
     'shape': {'B': B, 'H': H, 'D': D},
     'repeats': args.repeats,
     'rows': rows,

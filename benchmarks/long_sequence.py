@@ -112,6 +112,7 @@ def main():
     f'wall {time.perf_counter() - start:.0f} s'
   )
   result = {
+    'machine': timing.machine(),
     'T': t,
     'causal': args.causal,
     'shape': {'B': B, 'H': H, 'D': D},

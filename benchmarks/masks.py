@@ -97,7 +97,7 @@ def main():
       f'jattn {peer / ours:4.1f}x faster'
     )
   path = args.out / f'masks_{t}.json'
-  path.write_text(json.dumps(results, indent=1))
+  path.write_text(json.dumps({'machine': timing.machine(), **results}, indent=1))
   print(f'wrote {path}')
 
 

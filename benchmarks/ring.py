@@ -5,7 +5,7 @@
 
 Per-device compiled temp memory (``memory_analysis()``) and wall time of one
 causal forward+backward, beside single-device flash. The virtual devices share
-this machine's cores, so wall time here shows overhead, not speed-up; memory
+the machine's cores, so wall time here shows overhead, not speed-up; memory
 and correctness are the point. Writes JSON to --out.
 """
 
@@ -94,7 +94,7 @@ def main():
       f'{r["temp_mib"] / rows[0]["temp_mib"]:9.2f} {r["seconds"]:8.2f}'
     )
   (args.out / 'ring.json').write_text(
-    json.dumps({'T': args.length, 'rows': rows}, indent=1)
+    json.dumps({'machine': timing.machine(), 'T': args.length, 'rows': rows}, indent=1)
   )
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from benchmarks import timing
 from benchmarks.timing import median_seconds
 
 sys.path.insert(
@@ -204,7 +205,8 @@ def main():
     f'model: {config.num_layers} layers, E={config.embed_dim}, H={config.num_heads}, '
     f'MLP {config.mlp_dim}; {jax.devices()[0].platform}'
   )
-  results = {'config': vars(config)}
+  print(timing.describe(timing.machine()))
+  results = {'machine': timing.machine(), 'config': vars(config)}
   if args.only in (None, 'attention'):
     results['attention'] = attention_table(args)
   if args.only in (None, 'layout'):

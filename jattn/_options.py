@@ -14,8 +14,6 @@ import numbers
 
 import numpy as np
 
-IMPLEMENTATIONS = (None, 'flash', 'reference', 'xla', 'cudnn')
-
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -113,9 +111,13 @@ def check_dropout_rate(dropout_rate) -> float:
 
 
 def check_implementation(implementation) -> str | None:
-  if implementation not in IMPLEMENTATIONS:
+  """None (automatic) or the name of a kernel in the registry."""
+  from jattn._registry import KERNELS  # the registry imports this module
+
+  names = (None, *KERNELS)
+  if implementation not in names:
     raise ValueError(
-      f'`implementation` must be one of {IMPLEMENTATIONS}; got {implementation!r}.'
+      f'`implementation` must be one of {names}; got {implementation!r}.'
     )
   return implementation
 

@@ -1,13 +1,17 @@
 """The platform's fused attention: ``jax.nn.dot_product_attention`` (XLA, and
 cuDNN on NVIDIA GPUs) where its arguments fit.
 
-It knows causal, window, lengths, a mask, a bias and GQA, but not segment
-ids, chunks, prefixes, soft-capping or dropout, and needs V == D. Its
-fully-masked rows return the mean of V; here they are zeroed, as everywhere
-in jattn, with the visibility value saying which rows those are.
+It knows causal, window, lengths, a mask, a bias and GQA, and needs V == D.
+``supports`` is an allow-list: any other rule or option (segment ids,
+chunks, prefixes, soft-capping, dropout, and whatever is added later) is a
+reason it cannot take the call. Its fully-masked rows return the mean of V;
+here they are zeroed, as everywhere in jattn, with the visibility value
+saying which rows those are.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,42 @@ from jattn._prepare import Prepared
 # cuDNN's fused attention takes half precision and head dims up to 128 in
 # multiples of 8.
 _CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+# What jax.nn.dot_product_attention expresses; kv_size (the real keys) is
+# the key length it is given.
+_RULES = {'is_causal', 'window', 'q_len', 'kv_len', 'mask', 'kv_size'}
+_OPTIONS = {
+  'scale',
+  'is_causal',
+  'window',
+  'implementation',
+  'block_sizes',
+  'return_residual',
+}
+# The public names of the rules and options it lacks.
+_NAMES = {
+  'chunk_size': 'attention_chunk_size',
+  'prefix': 'prefix_lengths',
+  'q_seg': 'segment ids',
+  'kv_seg': 'segment ids',
+  'q_offset': 'position offsets',
+  'kv_offset': 'position offsets',
+  'kv_extent': 'padded keys',
+  'soft_cap': 'logits_soft_cap',
+  'dropout_rate': 'dropout',
+}
+
+
+def _unsupported(value, allowed: set[str]) -> list[str]:
+  """The public names of the fields of ``value`` set away from their
+  defaults and not ``allowed``."""
+  names = []
+  for field in dataclasses.fields(value):
+    current, default = getattr(value, field.name), field.default
+    changed = current is not None if default is None else current != default
+    if changed and field.name not in allowed:
+      names.append(_NAMES.get(field.name, field.name))
+  return names
 
 
 def _bias_and_mask(p: Prepared):
@@ -52,18 +92,11 @@ class Xla:
         reasons.append(f'{p.q.dtype} inputs (cuDNN takes float16 or bfloat16)')
       if head_dim > 128 or head_dim % 8:
         reasons.append(f'head dim D={head_dim} (cuDNN: a multiple of 8 up to 128)')
-    vis, opts = p.vis, p.opts
-    unsupported = {
-      'segment ids': vis.q_seg is not None,
-      'attention_chunk_size': vis.chunk_size is not None,
-      'prefix_lengths': vis.prefix is not None,
-      'logits_soft_cap': opts.soft_cap is not None,
-      'dropout': opts.dropout_rate > 0.0,
-      f'value head dim V={p.v.shape[-1]} != D={p.k.shape[-1]}': (
-        p.v.shape[-1] != p.k.shape[-1]
-      ),
-    }
-    return reasons + [reason for reason, applies in unsupported.items() if applies]
+    unsupported = _unsupported(p.vis, _RULES) + _unsupported(p.opts, _OPTIONS)
+    reasons += list(dict.fromkeys(unsupported))  # once each, in order
+    if p.v.shape[-1] != p.k.shape[-1]:
+      reasons.append(f'value head dim V={p.v.shape[-1]} != D={p.k.shape[-1]}')
+    return reasons
 
   def __call__(self, p: Prepared):
     as_int32 = lambda x: None if x is None else x.astype(jnp.int32)

@@ -1,6 +1,8 @@
 """The visibility value: its block ranges against its own elements, and the
 new rules (chunked and prefix-LM attention) in every kernel."""
 
+import dataclasses
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -203,3 +205,22 @@ def test_new_options_are_checked():
     jattn.dot_product_attention(q, k, v, is_causal=True, prefix_lengths=jnp.array([1]))
   with pytest.raises(ValueError, match=r"'xla' cannot take.*attention_chunk_size"):
     jattn.dot_product_attention(q, k, v, attention_chunk_size=2, implementation='xla')
+
+
+def test_xla_refuses_a_rule_it_was_not_taught():
+  # supports() is an allow-list: a rule added to Visibility later is a
+  # reason for the xla kernel, never silently dropped.
+  from jattn import _prepare, _registry
+
+  q, k, v = helpers.qkv(0)
+  arrays, opts = _prepare.split_arguments({'is_causal': True})
+  p = _prepare.prepare(q, k, v, None, None, arrays, None, opts)
+  xla = _registry.KERNELS['xla']
+  assert xla.supports(p) == []
+  with_rule = dataclasses.make_dataclass(
+    'WithRule', [('new_rule', object, None)], bases=(Visibility,), frozen=True
+  )
+  vis = with_rule(
+    **{f.name: getattr(p.vis, f.name) for f in dataclasses.fields(Visibility)}
+  )
+  assert xla.supports(p._replace(vis=vis.replace(new_rule=1))) == ['new_rule']
