@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import resource
 import statistics
 import time
 from collections.abc import Callable
+
+import jax
+
+
+def machine() -> dict:
+  """What a figure is measured on: CPU model and cores, JAX and its backend."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as file:
+      fields = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition(':') for line in file)
+        if value
+      )
+    cpu = (
+      f'{fields["model name"]} (family {fields["cpu family"]}, model {fields["model"]})'
+    )
+  except (OSError, KeyError):  # not Linux, or not x86
+    pass
+  return {
+    'cpu': cpu,
+    'cores': os.cpu_count(),
+    'jax': jax.__version__,
+    'backend': jax.default_backend(),
+  }
+
+
+def describe(info: dict) -> str:
+  """``machine()`` as one line."""
+  return f'{info["cpu"]}, {info["cores"]} cores; jax {info["jax"]} on {info["backend"]}'
 
 
 def peak_rss_mib() -> float:

@@ -245,13 +245,7 @@ def wrapper_settings(module, dropout_rng, deterministic) -> dict:
 def _compute_dtype(dtype, *arrays):
   """The given dtype, or the widest float among the arrays (Flax's rule)."""
   if dtype is not None:
-    try:
-      dtype = jnp.dtype(dtype)
-    except TypeError:
-      raise TypeError(f'`dtype` must be a floating dtype; got {dtype!r}.') from None
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(f'`dtype` must be a floating dtype; got {dtype}.')
-    return dtype
+    return _checks.check_float_dtype(dtype, 'dtype')
   dtypes = {jnp.dtype(x.dtype) for x in arrays}
   widest = max(dtypes, key=lambda d: d.itemsize)
   if widest.itemsize == 2 and len(dtypes) > 1:  # bfloat16 with float16
