@@ -13,12 +13,6 @@ from flax import nnx
 
 from jattn.attention import attention_weights, dot_product_attention
 
-_CUSTOM_EINSUMS = (
-  'einsum_dot_general',
-  'qk_attn_weights_einsum',
-  'attn_weights_value_einsum',
-)
-
 
 def _matmul_precision(precision) -> str | None:
   """Flax's ``precision`` (a ``lax.Precision``, its name, or a pair of them)
@@ -78,15 +72,12 @@ def flax_attention_fn(implementation: str | None = None, **options):
     attn_weights_value_einsum=None,
   ):
     del broadcast_dropout
-    given = [
-      name
-      for name, fn in zip(
-        _CUSTOM_EINSUMS,
-        (einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum),
-        strict=True,
-      )
-      if fn is not None
-    ]
+    custom = {
+      'einsum_dot_general': einsum_dot_general,
+      'qk_attn_weights_einsum': qk_attn_weights_einsum,
+      'attn_weights_value_einsum': attn_weights_value_einsum,
+    }
+    given = [name for name, fn in custom.items() if fn is not None]
     if given:
       raise TypeError(
         f'flax_attention_fn does not take a custom einsum ({", ".join(given)}): '

@@ -83,10 +83,10 @@ def validate(run: Run, state) -> dict:
   result = evaluate(
     run.steps, state, data.splits['validation'], data.layout, run.config
   )
+  record = {'step': int(state['step']), 'split': 'validation', **result}
+  run.log.write(record)  # first: a checkpoint's records are all in the log
   with run.stop.saving():
     run.checkpoints.save(state, accuracy=result['accuracy'])
-  record = {'step': int(state['step']), 'split': 'validation', **result}
-  run.log.write(record)
   return record
 
 
