@@ -81,7 +81,7 @@ def _keep(opts, seed, vis: Visibility, r0, c0, bq: int, bk: int):
   """The block's dropout keep mask, or None without dropout."""
   if opts.dropout_rate == 0.0:
     return None
-  rows, cols = vis.positions(r0, c0, bq, bk)
+  rows, cols = vis.indices(r0, c0, bq, bk)
   return _numerics.dropout_keep(seed, rows, cols, opts.dropout_rate)
 
 

@@ -49,13 +49,21 @@ def map_heads(head_fn, q, k, v, bias, vis: Visibility, seed, *, out_axis, per_he
 
   def axes(batch_axis, head_axis):
     """``vis``'s in_axes: per-sequence arrays over batch, the mask as split,
-    offsets shared."""
-    per_sequence = ('q_len', 'kv_len', 'prefix', 'q_seg', 'kv_seg')
+    a ring step's starts shared."""
+    per_sequence = (
+      'q_len',
+      'kv_len',
+      'prefix',
+      'q_seg',
+      'kv_seg',
+      'q_offset',
+      'kv_offset',
+    )
     return vis.replace(
       **{n: None if getattr(vis, n) is None else batch_axis for n in per_sequence},
       mask=None if mask is None else head_axis,
-      q_offset=None,
-      kv_offset=None,
+      q_start=None,
+      kv_start=None,
     )
 
   def one_head(q, k, v, bias, vis, seed, extra):

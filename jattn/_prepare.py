@@ -27,6 +27,8 @@ class SequenceArrays(NamedTuple):
   q_segment_ids: jnp.ndarray | None = None
   kv_segment_ids: jnp.ndarray | None = None
   prefix_lengths: jnp.ndarray | None = None
+  q_offsets: jnp.ndarray | None = None
+  kv_offsets: jnp.ndarray | None = None
 
 
 class Prepared(NamedTuple):
@@ -166,9 +168,8 @@ def prepare(
     _checks.check_bool(mask, 'mask')
     mask = _logits_shaped(mask, 'mask', batch_shape, heads, q_len, kv_len)
 
-  query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids, prefix = (
-    arrays
-  )
+  query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids = arrays[:4]
+  prefix = arrays.prefix_lengths
   if prefix is not None and not opts.is_causal:
     raise ValueError(
       '`prefix_lengths` [B...] makes a causal mask bidirectional inside the '
@@ -192,6 +193,7 @@ def prepare(
     _checks.check_shape(x, name, batch_shape + tail, layout)
     return x.reshape((batch,) + tail)
 
+  as_positions = lambda x: None if x is None else x.astype(jnp.int32)
   if opts.scale is None:
     opts = dataclasses.replace(opts, scale=1.0 / math.sqrt(head_dim))
   seed = None
@@ -210,6 +212,8 @@ def prepare(
     q_seg=per_sequence(q_segment_ids, 'q_segment_ids', (q_len,), '[B..., T]'),
     kv_seg=per_sequence(kv_segment_ids, 'kv_segment_ids', (kv_len,), '[B..., S]'),
     mask=mask,
+    q_offset=as_positions(per_sequence(arrays.q_offsets, 'q_offsets', (), '[B...]')),
+    kv_offset=as_positions(per_sequence(arrays.kv_offsets, 'kv_offsets', (), '[B...]')),
   )
   empty = batch == 0 or q_len == 0 or kv_len == 0
   return Prepared(q, k, v, bias, vis, seed, opts, batch_shape, empty)

@@ -24,7 +24,7 @@ def _hidden_logits(opts, q, k, bias, vis):
 def _dropout(opts, vis, seed, weights):
   if opts.dropout_rate == 0.0:
     return weights
-  rows, cols = vis.positions(0, 0, *weights.shape)
+  rows, cols = vis.indices(0, 0, *weights.shape)
   keep = _numerics.dropout_keep(seed, rows, cols, opts.dropout_rate)
   return _numerics.dropout(weights, keep, opts.dropout_rate)
 

@@ -30,7 +30,7 @@ from jattn._visibility import pad_axis
 
 
 class _Layout:
-  """Chunks and global offsets of the local shard on a ring of ``n``."""
+  """Chunks of the local shard on a ring of ``n``, and where they start."""
 
   def __init__(self, axis: str, q_len: int, kv_len: int, zigzag: bool):
     self.axis, self.zigzag = axis, zigzag
@@ -39,28 +39,28 @@ class _Layout:
     self.chunks = 2 if zigzag else 1
     self.q_chunk, self.kv_chunk = q_len // self.chunks, kv_len // self.chunks
 
-  def offsets(self, device, chunk_len):
-    """Global start of each local chunk of ``device``."""
+  def starts(self, device, chunk_len):
+    """Where in the sequence each local chunk of ``device`` starts."""
     if not self.zigzag:
       return [device * chunk_len]
     return [device * chunk_len, (2 * self.n - 1 - device) * chunk_len]
 
   def pairs(self, source):
-    """``(a, q_offset, b, kv_offset)`` for each local query chunk ``a`` and
+    """``(a, q_start, b, kv_start)`` for each local query chunk ``a`` and
     each chunk ``b`` of the key/value shard that came from ``source``."""
-    for a, q_offset in enumerate(self.offsets(self.index, self.q_chunk)):
-      for b, kv_offset in enumerate(self.offsets(source, self.kv_chunk)):
-        yield a, q_offset, b, kv_offset
+    for a, q_start in enumerate(self.starts(self.index, self.q_chunk)):
+      for b, kv_start in enumerate(self.starts(source, self.kv_chunk)):
+        yield a, q_start, b, kv_start
 
-  def pair(self, q, k, v, vis, kv_seg, a, q_offset, b, kv_offset):
+  def pair(self, q, k, v, vis, kv_seg, a, q_start, b, kv_start):
     """``map_heads`` arguments for query chunk ``a`` against key chunk ``b``."""
     q_part = lambda x: _chunk(x, 1, a, self.q_chunk)
     kv_part = lambda x: _chunk(x, 1, b, self.kv_chunk)
     vis = vis.replace(
       q_seg=q_part(vis.q_seg),
       kv_seg=kv_part(kv_seg),
-      q_offset=jnp.asarray(q_offset, jnp.int32),
-      kv_offset=jnp.asarray(kv_offset, jnp.int32),
+      q_start=jnp.asarray(q_start, jnp.int32),
+      kv_start=jnp.asarray(kv_start, jnp.int32),
     )
     return q_part(q), kv_part(k), kv_part(v), None, vis
 
@@ -259,6 +259,8 @@ class Ring:
       q_len=spec(vis.q_len, P(b)),
       kv_len=spec(vis.kv_len, P(b)),
       prefix=spec(vis.prefix, P(b)),
+      q_offset=spec(vis.q_offset, P(b)),
+      kv_offset=spec(vis.kv_offset, P(b)),
       q_seg=spec(vis.q_seg, P(b, seq_axis)),
       kv_seg=spec(vis.kv_seg, P(b, seq_axis)),
     )

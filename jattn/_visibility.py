@@ -1,14 +1,16 @@
 """Who may attend: one value that every kernel asks, and none re-derives.
 
-Query row ``i`` and key column ``j`` have global positions ``q_offset + i``
-and ``kv_offset + j`` (non-zero for a ring step or a chunk of a longer
-sequence). Row ``r`` may see column ``c`` when every one of these holds:
+A local query row ``i`` is row ``r = q_start + i`` of the whole sequence
+(``q_start`` is non-zero for a ring step), at position ``p = q_offset + r``
+(``q_offset`` is the caller's per-sequence offset, the position of row 0);
+likewise key column ``j`` is column ``c = kv_start + j`` at position
+``p' = kv_offset + c``. Row r may see column c when every one of these holds:
 
-  causal (top-left)   c <= r, or c < prefix_length (prefix-LM)
-  window (l, r)       r - left <= c <= r + right
-  chunk C             r // C == c // C
-  lengths             r < q_len and c < kv_len
-  real keys           c < kv_size, and local column < kv_extent (hide the
+  causal (top-left)   p' <= p, or p' < prefix_length (prefix-LM)
+  window (l, r)       p - left <= p' <= p + right
+  chunk C             p // C == p' // C
+  lengths             r < q_len and c < kv_len (counts, from row/column 0)
+  real keys           c < kv_size, and local column j < kv_extent (hide the
                       padding of a ring and of a kernel's blocks)
   segments            q_seg[r] == kv_seg[c]
   dense mask          mask[r, c]
@@ -43,6 +45,8 @@ _DATA = (
   'mask',
   'q_offset',
   'kv_offset',
+  'q_start',
+  'kv_start',
 )
 _META = ('is_causal', 'window', 'chunk_size', 'kv_size', 'kv_extent')
 
@@ -54,9 +58,10 @@ _META = ('is_causal', 'window', 'chunk_size', 'kv_size', 'kv_extent')
 class Visibility:
   """Static rules and per-sequence arrays (one head inside ``map_heads``).
 
-  Outside ``map_heads`` the arrays carry a batch axis: lengths and prefix
-  ``[B]``, ``q_seg [B, T]``, ``kv_seg [B, S]``, ``mask [B|1, H|1, T|1, S|1]``.
-  Inside, ``mask`` is ``[T|1, S|1]``. Offsets are scalars (None = 0).
+  Outside ``map_heads`` the arrays carry a batch axis: lengths, prefix and
+  offsets ``[B]``, ``q_seg [B, T]``, ``kv_seg [B, S]``, ``mask [B|1, H|1,
+  T|1, S|1]``. Inside, ``mask`` is ``[T|1, S|1]``. ``q_start``/``kv_start``
+  are scalars shared by the batch. None stands for 0 (offsets, starts).
   """
 
   is_causal: bool = False
@@ -72,15 +77,27 @@ class Visibility:
   mask: jax.Array | None = None
   q_offset: jax.Array | None = None
   kv_offset: jax.Array | None = None
+  q_start: jax.Array | None = None
+  kv_start: jax.Array | None = None
 
   replace = dataclasses.replace
 
   @property
-  def _q_start(self):
+  def _q_first(self):
+    """Row of the sequence that local row 0 is."""
+    return 0 if self.q_start is None else self.q_start
+
+  @property
+  def _kv_first(self):
+    return 0 if self.kv_start is None else self.kv_start
+
+  @property
+  def _q_shift(self):
+    """Position minus row."""
     return 0 if self.q_offset is None else self.q_offset
 
   @property
-  def _kv_start(self):
+  def _kv_shift(self):
     return 0 if self.kv_offset is None else self.kv_offset
 
   @property
@@ -88,17 +105,19 @@ class Visibility:
     """Whether visibility depends on more than positions (no full blocks)."""
     return self.mask is not None or self.q_seg is not None
 
-  def positions(self, r0, c0, rows: int, cols: int):
-    """Global positions ``[rows], [cols]`` of a block at local ``(r0, c0)``."""
+  def indices(self, r0, c0, rows: int, cols: int):
+    """Rows ``[rows]`` and columns ``[cols]`` of the sequence that a block at
+    local ``(r0, c0)`` covers."""
     return (
-      self._q_start + r0 + jnp.arange(rows),
-      self._kv_start + c0 + jnp.arange(cols),
+      self._q_first + r0 + jnp.arange(rows),
+      self._kv_first + c0 + jnp.arange(cols),
     )
 
   def elements(self, r0, c0, rows: int, cols: int):
     """``[rows, cols]`` bool for the block at local ``(r0, c0)``; None when
     everything is visible (callers skip the select)."""
-    q_pos, kv_pos = self.positions(r0, c0, rows, cols)
+    q_idx, kv_idx = self.indices(r0, c0, rows, cols)
+    q_pos, kv_pos = q_idx + self._q_shift, kv_idx + self._kv_shift
     conditions = []
     if self.is_causal:
       causal = masks.causal_from_positions(q_pos, kv_pos)
@@ -110,11 +129,11 @@ class Visibility:
     if self.chunk_size is not None:
       conditions.append(masks.chunk_from_positions(q_pos, kv_pos, self.chunk_size))
     if self.q_len is not None:
-      conditions.append((q_pos < self.q_len)[:, None])
+      conditions.append((q_idx < self.q_len)[:, None])
     if self.kv_len is not None:
-      conditions.append((kv_pos < self.kv_len)[None, :])
+      conditions.append((kv_idx < self.kv_len)[None, :])
     if self.kv_size is not None:
-      conditions.append((kv_pos < self.kv_size)[None, :])
+      conditions.append((kv_idx < self.kv_size)[None, :])
     if self.kv_extent is not None:
       conditions.append((c0 + jnp.arange(cols) < self.kv_extent)[None, :])
     if self.q_seg is not None:
@@ -134,8 +153,8 @@ class Visibility:
 
   @property
   def _key_limits(self):
-    """Global bounds on visible columns: lengths, real keys, local extent."""
-    extent = None if self.kv_extent is None else self._kv_start + self.kv_extent
+    """Bounds on visible columns: lengths, real keys, local extent."""
+    extent = None if self.kv_extent is None else self._kv_first + self.kv_extent
     return [x for x in (self.kv_len, self.kv_size, extent) if x is not None]
 
   def pad(self, rows: int, cols: int, kv_extent: int) -> Visibility:
@@ -159,47 +178,58 @@ class Visibility:
     ``[lo, hi)`` may hold visible elements; within it ``[full_lo, full_hi)``
     are visible throughout; the rest are partial.
     """
-    first = self._q_start + i * bq  # global rows first..last
+    first = self._q_first + i * bq  # rows first..last of the sequence
     last = first + bq - 1
-    rules = []  # (columns seen by some row, columns seen by every row)
+    # Position rules, in positions, shifted to columns.
+    p_first, p_last = first + self._q_shift, last + self._q_shift
+    by_position = []  # (columns seen by some row, columns seen by every row)
     if self.is_causal:
       prefix_end = -_FAR if self.prefix is None else self.prefix - 1
-      rules.append(
+      by_position.append(
         (
-          (-_FAR, jnp.maximum(last, prefix_end)),
-          (-_FAR, jnp.maximum(first, prefix_end)),
+          (-_FAR, jnp.maximum(p_last, prefix_end)),
+          (-_FAR, jnp.maximum(p_first, prefix_end)),
         )
       )
     if self.window is not None:
-      rules.append(_band(first, last, *self.window))
+      by_position.append(_band(p_first, p_last, *self.window))
     if self.chunk_size is not None:
-      rules.append(_chunk(first, last, self.chunk_size))
+      by_position.append(_chunk(p_first, p_last, self.chunk_size))
+    rules = [_shift(rule, -self._kv_shift) for rule in by_position]
     rules += [_below(limit) for limit in self._key_limits]
     if self.q_len is not None:
       rules.append(_all_if(first < self.q_len, last < self.q_len))
-    return _block_range(rules, self.elementwise, self._kv_start, bk, num_blocks)
+    return _block_range(rules, self.elementwise, self._kv_first, bk, num_blocks)
 
   def q_blocks(self, j, bq: int, bk: int, num_blocks: int):
     """Query blocks that see key block ``j``: ``(lo, full_lo, full_hi, hi)``."""
-    first = self._kv_start + j * bk  # global columns first..last
+    first = self._kv_first + j * bk  # columns first..last of the sequence
     last = first + bk - 1
-    rules = []  # (rows that see some column, rows that see every column)
+    p_first, p_last = first + self._kv_shift, last + self._kv_shift
+    by_position = []  # (rows that see some column, rows that see every column)
     if self.is_causal:
       prefix = -_FAR if self.prefix is None else self.prefix
-      rules.append(
+      by_position.append(
         (
-          (jnp.where(first < prefix, -_FAR, first), _FAR),
-          (jnp.where(last < prefix, -_FAR, last), _FAR),
+          (jnp.where(p_first < prefix, -_FAR, p_first), _FAR),
+          (jnp.where(p_last < prefix, -_FAR, p_last), _FAR),
         )
       )
     if self.window is not None:
-      rules.append(_band(first, last, *reversed(self.window)))
+      by_position.append(_band(p_first, p_last, *reversed(self.window)))
     if self.chunk_size is not None:
-      rules.append(_chunk(first, last, self.chunk_size))
+      by_position.append(_chunk(p_first, p_last, self.chunk_size))
+    rules = [_shift(rule, -self._q_shift) for rule in by_position]
     if self.q_len is not None:
       rules.append(_below(self.q_len))
     rules += [_all_if(first < limit, last < limit) for limit in self._key_limits]
-    return _block_range(rules, self.elementwise, self._q_start, bq, num_blocks)
+    return _block_range(rules, self.elementwise, self._q_first, bq, num_blocks)
+
+
+def _shift(rule, by):
+  """A rule's intervals moved by ``by`` (positions to rows or columns); the
+  far ends stay far enough for offsets well inside ``_FAR``."""
+  return tuple((low + by, high + by) for low, high in rule)
 
 
 def _band(first, last, before: int, after: int):

@@ -31,6 +31,8 @@ def dot_product_attention(
   local_window_size: int | tuple[int, int] | None = None,
   attention_chunk_size: int | None = None,
   prefix_lengths=None,
+  q_offsets=None,
+  kv_offsets=None,
   logits_soft_cap: float | None = None,
   dropout_rate: float = 0.0,
   dropout_rng=None,
@@ -63,6 +65,13 @@ def dot_product_attention(
       (``i // C == j // C``); with ``is_causal``, Llama 4's chunked attention.
     prefix_lengths: int ``[B...]``, with ``is_causal``: prefix-LM attention,
       query i sees key j when ``j <= i`` or ``j < prefix_length``.
+    q_offsets: int ``[B...]``, the position of each sequence's first query
+      (default 0): query row i is at position ``q_offsets + i``.
+    kv_offsets: int ``[B...]``, the position of each sequence's first key
+      (default 0). The causal, window, chunk and prefix rules compare
+      positions; lengths count rows and columns from the first. For one
+      new token at position p against a cache of keys at positions 0..S-1:
+      ``q_offsets=p`` with ``is_causal=True`` sees keys 0..p.
     logits_soft_cap: ``c``: logits become ``c * tanh(logits / c)`` (before bias).
     dropout_rate: inverted dropout on the normalised weights, in [0, 1).
     dropout_rng: PRNG key for dropout. Without it (or with rate 0 or

@@ -162,6 +162,8 @@ def ring_attention(
   local_window_size=None,
   attention_chunk_size=None,
   prefix_lengths=None,
+  q_offsets=None,
+  kv_offsets=None,
   logits_soft_cap: float | None = None,
   dropout_rate: float = 0.0,
   dropout_rng=None,

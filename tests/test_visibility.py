@@ -33,22 +33,26 @@ def dense(vis, t, s):
   prefix=st.one_of(st.none(), st.integers(0, 20)),
   q_len=st.one_of(st.none(), st.integers(0, 40)),
   kv_len=st.one_of(st.none(), st.integers(0, 40)),
-  offsets=st.tuples(st.integers(0, 16), st.integers(0, 16)),
+  starts=st.tuples(st.integers(0, 16), st.integers(0, 16)),
+  offsets=st.tuples(st.integers(0, 24), st.integers(0, 24)),
 )
 def test_block_ranges_agree_with_elements(
-  t, s, bq, bk, causal, window, chunk, prefix, q_len, kv_len, offsets
+  t, s, bq, bk, causal, window, chunk, prefix, q_len, kv_len, starts, offsets
 ):
   """Blocks outside [lo, hi) hold no visible element; blocks in
-  [full_lo, full_hi) are visible throughout; both directions."""
+  [full_lo, full_hi) are visible throughout; both directions; a ring step's
+  starts and the caller's position offsets included."""
   vis = Visibility(
     is_causal=causal,
     window=window,
     chunk_size=chunk,
-    kv_size=offsets[1] + s - 3,  # the last keys are a ring's padding
+    kv_size=starts[1] + s - 3,  # the last keys are a ring's padding
     kv_extent=s - 1,  # and the very last a kernel's
     q_len=None if q_len is None else jnp.asarray(q_len),
     kv_len=None if kv_len is None else jnp.asarray(kv_len),
     prefix=None if prefix is None or not causal else jnp.asarray(prefix),
+    q_start=jnp.asarray(starts[0]),
+    kv_start=jnp.asarray(starts[1]),
     q_offset=jnp.asarray(offsets[0]),
     kv_offset=jnp.asarray(offsets[1]),
   )
@@ -224,3 +228,105 @@ def test_xla_refuses_a_rule_it_was_not_taught():
     **{f.name: getattr(p.vis, f.name) for f in dataclasses.fields(Visibility)}
   )
   assert xla.supports(p._replace(vis=vis.replace(new_rule=1))) == ['new_rule']
+
+
+def offsets_case(seed=0):
+  """40 queries and keys, two sequences with different layouts."""
+  q, k, v = helpers.qkv(seed, q_len=40, kv_len=40)
+  return q, k, v
+
+
+@pytest.mark.parametrize('impl', ['reference', 'flash'])
+@pytest.mark.parametrize(
+  'rules',
+  [
+    dict(is_causal=True),
+    dict(is_causal=True, local_window_size=(7, 0)),
+    dict(attention_chunk_size=8),
+    dict(is_causal=True, prefix_lengths=jnp.array([12, 20])),
+  ],
+  ids=['causal', 'window', 'chunk', 'prefix'],
+)
+def test_offsets_place_a_slice_where_it_stands_in_the_whole(impl, rules):
+  # Queries 17..28 and keys 10..39 of each sequence, told their positions,
+  # get the rows (and gradients) the whole sequence gives them.
+  q, k, v = offsets_case()
+  rows, cols = slice(17, 29), slice(10, 40)
+  offsets = dict(q_offsets=jnp.array([17, 17]), kv_offsets=jnp.array([10, 10]))
+
+  def whole(q, k, v):
+    # Hide keys 0..9 to compare with the slice that lacks them.
+    kv_len_mask = (jnp.arange(40) >= 10)[None, None, None, :]
+    out = jattn.dot_product_attention(
+      q, k, v, mask=kv_len_mask, implementation='reference', **rules
+    )
+    return out[:, rows]
+
+  def part(q, k, v):
+    return jattn.dot_product_attention(
+      q[:, rows],
+      k[:, cols],
+      v[:, cols],
+      implementation=impl,
+      block_sizes=(8, 8),
+      **offsets,
+      **rules,
+    )
+
+  testing.assert_functions_agree(part, whole, q, k, v)
+
+
+def test_offsets_per_sequence_decode_step_and_lengths():
+  # One new token per sequence at its own position p against a cache whose
+  # keys 0..S-1 sit at positions 0..S-1: it sees keys 0..p (and lengths
+  # count cached keys from the first, not positions).
+  q, k, v = helpers.qkv(1, q_len=1, kv_len=24)
+  p = jnp.array([5, 17])
+  out = jattn.dot_product_attention(q, k, v, is_causal=True, q_offsets=p)
+  mask = (jnp.arange(24)[None, :] <= p[:, None])[:, None, None, :]
+  expected = jattn.dot_product_attention(q, k, v, mask=mask, implementation='reference')
+  testing.assert_trees_close(out, expected, jnp.float32)
+  lengths = jattn.dot_product_attention(
+    q, k, v, is_causal=True, q_offsets=p, key_value_seq_lengths=jnp.array([3, 24])
+  )
+  mask = mask & (jnp.arange(24)[None, :] < jnp.array([3, 24])[:, None])[:, None, None]
+  expected = jattn.dot_product_attention(q, k, v, mask=mask, implementation='reference')
+  testing.assert_trees_close(lengths, expected, jnp.float32)
+
+
+def test_ring_adds_its_chunk_starts_to_the_offsets():
+  q, k, v = offsets_case(2)
+  options = dict(
+    is_causal=True,
+    local_window_size=(9, 0),
+    q_offsets=jnp.array([3, 30]),
+    kv_offsets=jnp.array([0, 25]),
+  )
+  testing.assert_functions_agree(
+    lambda q, k, v: sharding.ring_attention(
+      q,
+      k,
+      v,
+      mesh=sharding.make_mesh({'seq': 4}, devices=jax.devices()[:4]),
+      block_sizes=(8, 8),
+      **options,
+    ),
+    lambda q, k, v: jattn.dot_product_attention(
+      q, k, v, implementation='reference', **options
+    ),
+    q,
+    k,
+    v,
+  )
+
+
+def test_offsets_are_checked_and_refused_by_xla():
+  q, k, v = helpers.qkv(0)
+  with pytest.raises(TypeError, match='`q_offsets` must have an integer dtype'):
+    jattn.dot_product_attention(q, k, v, q_offsets=jnp.array([1.0, 2.0]))
+  with pytest.raises(ValueError, match=r'`kv_offsets` must have shape \[B\.\.\.\]'):
+    jattn.dot_product_attention(q, k, v, kv_offsets=jnp.array([1, 2, 3]))
+  with pytest.raises(ValueError, match=r"'xla' cannot take.*q_offsets"):
+    jattn.dot_product_attention(
+      q, k, v, q_offsets=jnp.array([1, 2]), implementation='xla'
+    )
