@@ -66,12 +66,9 @@ class _Blocks:
     )
 
 
-def _loops(ranges, step, carry, elementwise: bool):
-  """Run ``step(partial, index, carry)`` over partial, full, partial blocks
-  (one partial loop when every block needs the element test: less to compile)."""
+def _loops(ranges, step, carry):
+  """Run ``step(partial, index, carry)`` over partial, full, partial blocks."""
   lo, full_lo, full_hi, hi = ranges
-  if elementwise:
-    return lax.fori_loop(lo, hi, functools.partial(step, True), carry)
   carry = lax.fori_loop(lo, full_lo, functools.partial(step, True), carry)
   carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, False), carry)
   return lax.fori_loop(full_hi, hi, functools.partial(step, True), carry)
@@ -117,7 +114,7 @@ def head_forward(opts, blocks, q, k, v, bias, vis: Visibility, seed):
 
     init = (*_numerics.initial_stats(bq), jnp.zeros((bq, v.shape[-1]), jnp.float32))
     ranges = vis.kv_blocks(i, bq, bk, geo.nk)
-    m, total, acc = _loops(ranges, step, init, vis.elementwise)
+    m, total, acc = _loops(ranges, step, init)
     return _numerics.normalize(acc, total).astype(q.dtype), (m, total)
 
   out, stats = lax.map(query_block, jnp.arange(geo.nq))
@@ -191,7 +188,7 @@ def head_backward(
       dbias,
     )
     ranges = vis.q_blocks(j, bq, bk, geo.nq)
-    dk_t_j, dv_t_j, dq, dbias = _loops(ranges, step, init, vis.elementwise)
+    dk_t_j, dv_t_j, dq, dbias = _loops(ranges, step, init)
     return (dq, dbias), (dk_t_j.T, dv_t_j.T)
 
   dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)

@@ -18,8 +18,10 @@ likewise key column ``j`` is column ``c = kv_start + j`` at position
 ``elements`` answers for any block of rows and columns; ``kv_blocks`` says
 which key blocks a query block sees, split into *partial* blocks (test each
 element) and *full* blocks (every element visible, no test); ``q_blocks`` is
-the transpose for the backward. Block ranges come from the position rules
-alone; segments and a dense mask make every visited block partial.
+the transpose for the backward. Each rule gives an interval of columns (or
+rows) seen by some element of the block and one seen by all; the position
+rules by arithmetic, segment ids by the blocks' min and max ids (correct for
+unsorted ids), a dense mask by its blocks' any and all.
 """
 
 from __future__ import annotations
@@ -99,11 +101,6 @@ class Visibility:
   @property
   def _kv_shift(self):
     return 0 if self.kv_offset is None else self.kv_offset
-
-  @property
-  def elementwise(self) -> bool:
-    """Whether visibility depends on more than positions (no full blocks)."""
-    return self.mask is not None or self.q_seg is not None
 
   def indices(self, r0, c0, rows: int, cols: int):
     """Rows ``[rows]`` and columns ``[cols]`` of the sequence that a block at
@@ -199,7 +196,13 @@ class Visibility:
     rules += [_below(limit) for limit in self._key_limits]
     if self.q_len is not None:
       rules.append(_all_if(first < self.q_len, last < self.q_len))
-    return _block_range(rules, self.elementwise, self._kv_first, bk, num_blocks)
+    if self.q_seg is not None:
+      flags = _segment_blocks(self.q_seg, i, bq, self.kv_seg, bk, num_blocks)
+      rules.append(_from_blocks(*flags, self._kv_first, bk))
+    if self.mask is not None:
+      flags = _mask_blocks(self.mask, i, bq, bk, num_blocks)
+      rules.append(_from_blocks(*flags, self._kv_first, bk))
+    return _block_range(rules, self._kv_first, bk, num_blocks)
 
   def q_blocks(self, j, bq: int, bk: int, num_blocks: int):
     """Query blocks that see key block ``j``: ``(lo, full_lo, full_hi, hi)``."""
@@ -223,7 +226,13 @@ class Visibility:
     if self.q_len is not None:
       rules.append(_below(self.q_len))
     rules += [_all_if(first < limit, last < limit) for limit in self._key_limits]
-    return _block_range(rules, self.elementwise, self._q_first, bq, num_blocks)
+    if self.q_seg is not None:
+      flags = _segment_blocks(self.kv_seg, j, bk, self.q_seg, bq, num_blocks)
+      rules.append(_from_blocks(*flags, self._q_first, bq))
+    if self.mask is not None:
+      flags = _mask_blocks(self.mask.T, j, bk, bq, num_blocks)
+      rules.append(_from_blocks(*flags, self._q_first, bq))
+    return _block_range(rules, self._q_first, bq, num_blocks)
 
 
 def _shift(rule, by):
@@ -261,17 +270,65 @@ def _where(condition, interval):
   return jnp.where(condition, low, _FAR), jnp.where(condition, high, -_FAR)
 
 
-def _block_range(rules, elementwise: bool, start, size: int, count: int):
-  """``(seen, full)`` position intervals of each rule -> their intersection
-  as ``(lo, full_lo, full_hi, hi)`` block indices."""
+def _whole_blocks(x, axis: int, size: int):
+  """``x`` padded along ``axis`` to whole blocks of ``size``."""
+  return pad_axis(x, axis, -(-x.shape[axis] // size) * size)
+
+
+def _segment_blocks(own, index, own_size: int, other, size: int, count: int):
+  """Block ``index`` of the ids ``own`` against the ``count`` blocks of the
+  ids ``other``: ``[count]`` flags (some id in common could be; every id is
+  one and the same). Padding (id 0) only widens "some" and breaks "every"."""
+  block = lax.dynamic_slice_in_dim(
+    _whole_blocks(own, 0, own_size), index * own_size, own_size
+  )
+  ids = _whole_blocks(other, 0, size)[: count * size].reshape(count, size)
+  low, high = ids.min(axis=1), ids.max(axis=1)
+  own_low, own_high = block.min(), block.max()
+  some = (low <= own_high) & (high >= own_low)
+  every = (low == high) & (own_low == own_high) & (low == own_low)
+  return some, every
+
+
+def _mask_blocks(mask, index, own_size: int, size: int, count: int):
+  """Rows ``index * own_size ...`` of a ``[rows|1, cols|1]`` mask against its
+  ``count`` column blocks: ``[count]`` flags (any visible; all visible)."""
+  if mask.shape[0] != 1:
+    mask = lax.dynamic_slice_in_dim(
+      _whole_blocks(mask, 0, own_size), index * own_size, own_size
+    )
+  if mask.shape[1] == 1:
+    return jnp.broadcast_to(mask.any(), (count,)), jnp.broadcast_to(
+      mask.all(), (count,)
+    )
+  blocks = _whole_blocks(mask, 1, size)[:, : count * size]
+  blocks = blocks.reshape(mask.shape[0], count, size)
+  return blocks.any(axis=(0, 2)), blocks.all(axis=(0, 2))
+
+
+def _from_blocks(some, every, start, size: int):
+  """Block flags -> a rule: columns from the first to the last block with
+  ``some``; full, the run of ``every`` blocks from the first one."""
+  count = some.shape[0]
+  index = jnp.arange(count)
+  first = jnp.min(jnp.where(some, index, count))
+  last = jnp.max(jnp.where(some, index, -1))
+  full_first = jnp.min(jnp.where(every, index, count))
+  full_end = jnp.min(jnp.where((index > full_first) & ~every, index, count))
+  seen = (start + first * size, start + (last + 1) * size - 1)
+  return seen, (start + full_first * size, start + full_end * size - 1)
+
+
+def _block_range(rules, start, size: int, count: int):
+  """``(seen, full)`` intervals of each rule (rows or columns of the
+  sequence) -> their intersection as ``(lo, full_lo, full_hi, hi)`` block
+  indices."""
   seen = [interval for interval, _ in rules]
   full = [interval for _, interval in rules]
   low = functools.reduce(jnp.maximum, [lo for lo, _ in seen], -_FAR)
   high = functools.reduce(jnp.minimum, [hi for _, hi in seen], _FAR)
   lo = jnp.clip((low - start) // size, 0, count)
   hi = jnp.clip((high - start) // size + 1, lo, count)
-  if elementwise:
-    return lo, hi, hi, hi
   full_low = functools.reduce(jnp.maximum, [lo for lo, _ in full], -_FAR)
   full_high = functools.reduce(jnp.minimum, [hi for _, hi in full], _FAR)
   full_lo = jnp.clip(-((start - full_low) // size), lo, hi)

@@ -21,7 +21,7 @@ def dense(vis, t, s):
   return np.ones((t, s), bool) if visible is None else np.broadcast_to(visible, (t, s))
 
 
-@hypothesis.settings(max_examples=20, deadline=None)
+@hypothesis.settings(max_examples=30, deadline=None)
 @hypothesis.given(
   t=st.integers(1, 40),
   s=st.integers(1, 40),
@@ -35,13 +35,45 @@ def dense(vis, t, s):
   kv_len=st.one_of(st.none(), st.integers(0, 40)),
   starts=st.tuples(st.integers(0, 16), st.integers(0, 16)),
   offsets=st.tuples(st.integers(0, 24), st.integers(0, 24)),
+  segments=st.sampled_from([None, 'sorted', 'unsorted']),
+  mask=st.sampled_from([None, 'random', 'block diagonal', 'rows', 'columns']),
+  seed=st.integers(0, 2**16),
 )
 def test_block_ranges_agree_with_elements(
-  t, s, bq, bk, causal, window, chunk, prefix, q_len, kv_len, starts, offsets
+  t,
+  s,
+  bq,
+  bk,
+  causal,
+  window,
+  chunk,
+  prefix,
+  q_len,
+  kv_len,
+  starts,
+  offsets,
+  segments,
+  mask,
+  seed,
 ):
   """Blocks outside [lo, hi) hold no visible element; blocks in
   [full_lo, full_hi) are visible throughout; both directions; a ring step's
-  starts and the caller's position offsets included."""
+  starts, the caller's position offsets, segment ids (sorted as packed
+  documents, or not) and dense masks included."""
+  rng = np.random.default_rng(seed)
+  q_seg = kv_seg = None
+  if segments is not None:
+    q_seg, kv_seg = rng.integers(0, 3, t), rng.integers(0, 3, s)
+    if segments == 'sorted':
+      q_seg, kv_seg = np.sort(q_seg), np.sort(kv_seg)
+  dense_mask = {
+    None: None,
+    'random': rng.random((t, s)) < 0.5,
+    'block diagonal': (np.arange(t)[:, None] // 8) == (np.arange(s)[None, :] // 8),
+    'rows': rng.random((t, 1)) < 0.7,
+    'columns': rng.random((1, s)) < 0.7,
+  }[mask]
+  as_array = lambda x: None if x is None else jnp.asarray(x)
   vis = Visibility(
     is_causal=causal,
     window=window,
@@ -55,6 +87,9 @@ def test_block_ranges_agree_with_elements(
     kv_start=jnp.asarray(starts[1]),
     q_offset=jnp.asarray(offsets[0]),
     kv_offset=jnp.asarray(offsets[1]),
+    q_seg=as_array(q_seg),
+    kv_seg=as_array(kv_seg),
+    mask=as_array(dense_mask),
   )
   nq, nk = -(-t // bq), -(-s // bk)
   visible = np.zeros((nq * bq, nk * bk), bool)
@@ -330,3 +365,36 @@ def test_offsets_are_checked_and_refused_by_xla():
     jattn.dot_product_attention(
       q, k, v, q_offsets=jnp.array([1, 2]), implementation='xla'
     )
+
+
+def test_packed_documents_and_block_diagonal_masks_skip_other_documents():
+  # Four documents of 16 in T = S = 64, blocks of 8: query block i sees the
+  # two key blocks of its document, both full (no element test); with
+  # is_causal only the ones up to its own.
+  ids = jnp.repeat(jnp.arange(4), 16)
+  block_diagonal = ids[:, None] == ids[None, :]
+  for vis in (
+    Visibility(q_seg=ids, kv_seg=ids),
+    Visibility(mask=block_diagonal),
+    Visibility(is_causal=True, q_seg=ids, kv_seg=ids),
+  ):
+    for i in range(8):
+      lo, full_lo, full_hi, hi = (int(x) for x in vis.kv_blocks(i, 8, 8, 8))
+      document = 2 * (i // 2)
+      if vis.is_causal:
+        assert (lo, hi) == (document, i + 1) and (full_lo, full_hi) == (document, i)
+      else:
+        assert (lo, full_lo, full_hi, hi) == (
+          document,
+          document,
+          document + 2,
+          document + 2,
+        )
+      lo, full_lo, full_hi, hi = (int(x) for x in vis.q_blocks(i, 8, 8, 8))
+      if not vis.is_causal:
+        assert (lo, full_lo, full_hi, hi) == (
+          document,
+          document,
+          document + 2,
+          document + 2,
+        )
