@@ -33,6 +33,8 @@ def rules(t: int) -> dict[str, tuple[dict, np.ndarray]]:
   rows, cols = np.arange(t)[:, None], np.arange(t)[None, :]
   causal = rows >= cols
   chunk, prefix, window = t // 8, t // 4, t // 16
+  documents = np.arange(t) // chunk  # 8 packed documents
+  same_document = documents[:, None] == documents[None, :]
   return {
     'full': ({}, np.ones((t, t), bool)),
     'causal': (dict(is_causal=True), causal),
@@ -47,6 +49,14 @@ def rules(t: int) -> dict[str, tuple[dict, np.ndarray]]:
     f'sliding window ({window}, 0)': (
       dict(is_causal=True, local_window_size=(window, 0)),
       causal & (rows - cols <= window),
+    ),
+    f'packed documents (8 x {chunk}), causal': (
+      dict(is_causal=True, q_segment_ids=jnp.asarray(documents)[None]),
+      causal & same_document,
+    ),
+    f'block-diagonal mask (8 x {chunk}), causal': (
+      dict(is_causal=True, mask=jnp.asarray(same_document)),
+      causal & same_document,
     ),
   }
 
