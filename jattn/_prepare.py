@@ -168,9 +168,8 @@ def prepare(
     _checks.check_bool(mask, 'mask')
     mask = _logits_shaped(mask, 'mask', batch_shape, heads, q_len, kv_len)
 
-  query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids = arrays[:4]
-  prefix = arrays.prefix_lengths
-  if prefix is not None and not opts.is_causal:
+  q_segment_ids, kv_segment_ids = arrays.q_segment_ids, arrays.kv_segment_ids
+  if arrays.prefix_lengths is not None and not opts.is_causal:
     raise ValueError(
       '`prefix_lengths` [B...] makes a causal mask bidirectional inside the '
       'prefix; it needs is_causal=True.'
@@ -185,7 +184,7 @@ def prepare(
   if q_segment_ids is None and kv_segment_ids is not None:
     raise ValueError('`kv_segment_ids` was given without `q_segment_ids`.')
 
-  def per_sequence(x, name, tail, layout):
+  def per_sequence(x, name, tail=(), layout='[B...]'):
     if x is None:
       return None
     x = jnp.asarray(x)
@@ -193,7 +192,10 @@ def prepare(
     _checks.check_shape(x, name, batch_shape + tail, layout)
     return x.reshape((batch,) + tail)
 
-  as_positions = lambda x: None if x is None else x.astype(jnp.int32)
+  def positions(x, name):  # int32, as the kernels' row and column indices
+    x = per_sequence(x, name)
+    return None if x is None else x.astype(jnp.int32)
+
   if opts.scale is None:
     opts = dataclasses.replace(opts, scale=1.0 / math.sqrt(head_dim))
   seed = None
@@ -206,14 +208,14 @@ def prepare(
     window=opts.window,
     chunk_size=opts.chunk_size,
     kv_size=kv_len,
-    q_len=per_sequence(query_seq_lengths, 'query_seq_lengths', (), '[B...]'),
-    kv_len=per_sequence(key_value_seq_lengths, 'key_value_seq_lengths', (), '[B...]'),
-    prefix=per_sequence(prefix, 'prefix_lengths', (), '[B...]'),
+    q_len=per_sequence(arrays.query_seq_lengths, 'query_seq_lengths'),
+    kv_len=per_sequence(arrays.key_value_seq_lengths, 'key_value_seq_lengths'),
+    prefix=per_sequence(arrays.prefix_lengths, 'prefix_lengths'),
     q_seg=per_sequence(q_segment_ids, 'q_segment_ids', (q_len,), '[B..., T]'),
     kv_seg=per_sequence(kv_segment_ids, 'kv_segment_ids', (kv_len,), '[B..., S]'),
     mask=mask,
-    q_offset=as_positions(per_sequence(arrays.q_offsets, 'q_offsets', (), '[B...]')),
-    kv_offset=as_positions(per_sequence(arrays.kv_offsets, 'kv_offsets', (), '[B...]')),
+    q_offset=positions(arrays.q_offsets, 'q_offsets'),
+    kv_offset=positions(arrays.kv_offsets, 'kv_offsets'),
   )
   empty = batch == 0 or q_len == 0 or kv_len == 0
   return Prepared(q, k, v, bias, vis, seed, opts, batch_shape, empty)

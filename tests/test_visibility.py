@@ -265,12 +265,6 @@ def test_xla_refuses_a_rule_it_was_not_taught():
   assert xla.supports(p._replace(vis=vis.replace(new_rule=1))) == ['new_rule']
 
 
-def offsets_case(seed=0):
-  """40 queries and keys, two sequences with different layouts."""
-  q, k, v = helpers.qkv(seed, q_len=40, kv_len=40)
-  return q, k, v
-
-
 @pytest.mark.parametrize('impl', ['reference', 'flash'])
 @pytest.mark.parametrize(
   'rules',
@@ -285,15 +279,15 @@ def offsets_case(seed=0):
 def test_offsets_place_a_slice_where_it_stands_in_the_whole(impl, rules):
   # Queries 17..28 and keys 10..39 of each sequence, told their positions,
   # get the rows (and gradients) the whole sequence gives them.
-  q, k, v = offsets_case()
+  q, k, v = helpers.qkv(0, q_len=40, kv_len=40)
   rows, cols = slice(17, 29), slice(10, 40)
   offsets = dict(q_offsets=jnp.array([17, 17]), kv_offsets=jnp.array([10, 10]))
 
   def whole(q, k, v):
     # Hide keys 0..9 to compare with the slice that lacks them.
-    kv_len_mask = (jnp.arange(40) >= 10)[None, None, None, :]
+    keys_from_10 = (jnp.arange(40) >= 10)[None, None, None, :]
     out = jattn.dot_product_attention(
-      q, k, v, mask=kv_len_mask, implementation='reference', **rules
+      q, k, v, mask=keys_from_10, implementation='reference', **rules
     )
     return out[:, rows]
 
@@ -330,7 +324,7 @@ def test_offsets_per_sequence_decode_step_and_lengths():
 
 
 def test_ring_adds_its_chunk_starts_to_the_offsets():
-  q, k, v = offsets_case(2)
+  q, k, v = helpers.qkv(2, q_len=40, kv_len=40)
   options = dict(
     is_causal=True,
     local_window_size=(9, 0),
