@@ -66,12 +66,12 @@ class _Blocks:
     )
 
 
-def _loops(ranges, step, carry):
-  """Run ``step(partial, index, carry)`` over partial, full, partial blocks."""
-  lo, full_lo, full_hi, hi = ranges
-  carry = lax.fori_loop(lo, full_lo, functools.partial(step, True), carry)
-  carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, False), carry)
-  return lax.fori_loop(full_hi, hi, functools.partial(step, True), carry)
+def _visit(order, partial, full, step, carry):
+  """Run ``step(is_partial, block, carry)`` over the ``partial`` blocks that
+  ``order`` lists first, then the ``full`` ones after them."""
+  body = lambda is_partial: lambda n, c: step(is_partial, order[n], c)
+  carry = lax.fori_loop(0, partial, body(True), carry)
+  return lax.fori_loop(partial, partial + full, body(False), carry)
 
 
 def _keep(opts, seed, vis: Visibility, r0, c0, bq: int, bk: int):
@@ -93,7 +93,8 @@ def head_forward(opts, blocks, q, k, v, bias, vis: Visibility, seed):
   q, k, v, bias, vis = geo.pad(q, k, v, bias, vis)
   k_t = k.T  # [D, S] once, so no block is transposed inside the loop
 
-  def query_block(i):
+  def query_block(visits):
+    i, *visits = visits
     r0 = i * bq
     q_i = lax.dynamic_slice_in_dim(q, r0, bq)
 
@@ -113,11 +114,11 @@ def head_forward(opts, blocks, q, k, v, bias, vis: Visibility, seed):
       return m, total, acc * correction[:, None] + pv
 
     init = (*_numerics.initial_stats(bq), jnp.zeros((bq, v.shape[-1]), jnp.float32))
-    ranges = vis.kv_blocks(i, bq, bk, geo.nk)
-    m, total, acc = _loops(ranges, step, init)
+    m, total, acc = _visit(*visits, step, init)
     return _numerics.normalize(acc, total).astype(q.dtype), (m, total)
 
-  out, stats = lax.map(query_block, jnp.arange(geo.nq))
+  plan = vis.block_mask(bq, bk, geo.nq, geo.nk)
+  out, stats = lax.map(query_block, (jnp.arange(geo.nq), *plan.kv))
   out = out.reshape(-1, out.shape[-1])[: geo.q_len]
   return out, jax.tree.map(lambda x: x.reshape(-1)[: geo.q_len], stats)
 
@@ -148,7 +149,8 @@ def head_backward(
   # Transposed copies, made once, keep every block matmul in plain NN form.
   q_t, k_t, v_t, d_out_t = q.T, k.T, v.T, d_out.T
 
-  def key_block(carry, j):
+  def key_block(carry, visits):
+    j, *visits = visits
     c0 = j * bk
     k_j = lax.dynamic_slice_in_dim(k, c0, bk)
     k_t_j = lax.dynamic_slice_in_dim(k_t, c0, bk, axis=1)
@@ -187,13 +189,15 @@ def head_backward(
       dq,
       dbias,
     )
-    ranges = vis.q_blocks(j, bq, bk, geo.nq)
-    dk_t_j, dv_t_j, dq, dbias = _loops(ranges, step, init)
+    dk_t_j, dv_t_j, dq, dbias = _visit(*visits, step, init)
     return (dq, dbias), (dk_t_j.T, dv_t_j.T)
 
   dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
   dq0 = jnp.zeros((tp, q.shape[-1]), jnp.float32)
-  (dq, dbias), (dk, dv) = lax.scan(key_block, (dq0, dbias0), jnp.arange(geo.nk))
+  plan = vis.block_mask(bq, bk, geo.nq, geo.nk)
+  (dq, dbias), (dk, dv) = lax.scan(
+    key_block, (dq0, dbias0), (jnp.arange(geo.nk), *plan.q)
+  )
   dk = dk.reshape(-1, dk.shape[-1])[: geo.kv_len]
   dv = dv.reshape(-1, dv.shape[-1])[: geo.kv_len]
   if dbias is not None:

@@ -43,27 +43,23 @@ def map_heads(head_fn, q, k, v, bias, vis: Visibility, seed, *, out_axis, per_he
   k, v = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)
   bias, bias_b, bias_h = _split_heads(bias, batch, num_kv, groups)
   mask, mask_b, mask_h = _split_heads(vis.mask, batch, num_kv, groups)
-  vis = vis.replace(mask=mask)
+  vis = vis.replace(mask=mask).map_arrays(
+    heads=lambda x: x.reshape((num_kv, groups) + x.shape[1:])
+  )
   if seed is not None:
     seed = seed.reshape((batch, num_kv, groups))
 
-  def axes(batch_axis, head_axis):
-    """``vis``'s in_axes: per-sequence arrays over batch, the mask as split,
-    a ring step's starts shared."""
-    per_sequence = (
-      'q_len',
-      'kv_len',
-      'prefix',
-      'q_seg',
-      'kv_seg',
-      'q_offset',
-      'kv_offset',
-    )
-    return vis.replace(
-      **{n: None if getattr(vis, n) is None else batch_axis for n in per_sequence},
-      mask=None if mask is None else head_axis,
-      q_start=None,
-      kv_start=None,
+  def axes(over_batch: bool):
+    """``vis``'s in_axes by kind (``ARRAYS``): per-sequence arrays over the
+    batch, per-head ones over heads, the mask as split, a step's shared."""
+    along = lambda axis: lambda _: axis
+    return vis.map_arrays(
+      sequence=along(0 if over_batch else None),
+      rows=along(0 if over_batch else None),
+      cols=along(0 if over_batch else None),
+      heads=along(None if over_batch else 0),
+      logits=along(mask_b if over_batch else mask_h),
+      step=along(None),
     )
 
   def one_head(q, k, v, bias, vis, seed, extra):
@@ -71,15 +67,15 @@ def map_heads(head_fn, q, k, v, bias, vis: Visibility, seed, *, out_axis, per_he
 
   over_groups = jax.vmap(
     one_head,
-    in_axes=(0, None, None, bias_h, axes(None, mask_h), 0, 0),
+    in_axes=(0, None, None, bias_h, axes(False), 0, 0),
     out_axes=out_axis,
   )
   over_kv = jax.vmap(
     over_groups,
-    in_axes=(0, 0, 0, bias_h, axes(None, mask_h), 0, 0),
+    in_axes=(0, 0, 0, bias_h, axes(False), 0, 0),
     out_axes=out_axis,
   )
   over_batch = jax.vmap(
-    over_kv, in_axes=(0, 0, 0, bias_b, axes(0, mask_b), 0, 0), out_axes=0
+    over_kv, in_axes=(0, 0, 0, bias_b, axes(True), 0, 0), out_axes=0
   )
   return over_batch(q, k, v, bias, vis, seed, tuple(per_head))

@@ -38,7 +38,8 @@ class Prepared(NamedTuple):
   q [B, T, H, D], k [B, S, K, D], v [B, S, K, V] or None; bias
   [B|1, H|1, T|1, S|1] or None; vis: who may attend (its arrays batched);
   seed [B, H] uint32 for dropout or None; opts with its scale resolved;
-  batch_shape is the caller's B...; empty when B, T or S is zero.
+  batch_shape is the caller's B...; empty when B, T or S is zero; backend:
+  the platform the call compiles for ('cpu', 'gpu', 'tpu').
   """
 
   q: jnp.ndarray
@@ -50,6 +51,7 @@ class Prepared(NamedTuple):
   opts: Options
   batch_shape: tuple[int, ...]
   empty: bool = False
+  backend: str = 'cpu'
 
 
 def split_arguments(
@@ -216,6 +218,10 @@ def prepare(
     mask=mask,
     q_offset=positions(arrays.q_offsets, 'q_offsets'),
     kv_offset=positions(arrays.kv_offsets, 'kv_offsets'),
+    batch_index=jnp.arange(batch, dtype=jnp.int32),
+    head_index=jnp.arange(heads, dtype=jnp.int32),
   )
   empty = batch == 0 or q_len == 0 or kv_len == 0
-  return Prepared(q, k, v, bias, vis, seed, opts, batch_shape, empty)
+  return Prepared(
+    q, k, v, bias, vis, seed, opts, batch_shape, empty, jax.default_backend()
+  )

@@ -2,9 +2,9 @@
 
 A kernel has a ``name``, ``supports(p) -> reasons`` (an empty list when it
 can take the prepared call ``p``) and ``__call__(p) -> (out [B, T, H, V],
-lse [B, T, H])``. The automatic choice is the first kernel of ``AUTO`` that
-supports the call; an explicit choice that cannot take it is a ``ValueError``
-quoting its reasons.
+lse [B, T, H])``. The automatic choice is a policy per backend: the first
+kernel of ``AUTO[p.backend]`` that supports the call; an explicit choice that
+cannot take it is a ``ValueError`` quoting its reasons.
 """
 
 from __future__ import annotations
@@ -15,15 +15,22 @@ from jattn._reference import Reference
 from jattn._xla import Xla
 
 KERNELS = {k.name: k for k in (Flash(), Reference(), Xla('xla'), Xla('cudnn'))}
-# cuDNN where it fits (an NVIDIA GPU, half precision, ...), else flash.
-AUTO = ('cudnn', 'flash')
+# The automatic choice by backend: on a GPU cuDNN where it fits (half
+# precision, ...), else flash; elsewhere flash, which takes every call.
+AUTO = {'gpu': ('cudnn', 'flash'), 'cpu': ('flash',), 'tpu': ('flash',)}
+
+
+def auto_order(backend: str) -> tuple[str, ...]:
+  """The kernels the automatic choice tries on ``backend``, in order."""
+  return AUTO.get(backend, ('flash',))
 
 
 def select(p: Prepared):
   """The kernel for ``p`` (``p.opts.implementation`` None: automatic)."""
   name = p.opts.implementation
   if name is None:
-    return next(KERNELS[n] for n in AUTO if not KERNELS[n].supports(p))
+    order = auto_order(p.backend)
+    return next(KERNELS[n] for n in order if not KERNELS[n].supports(p))
   reasons = KERNELS[name].supports(p)
   if reasons:
     others = [n for n, k in KERNELS.items() if n != name and not k.supports(p)]

@@ -52,13 +52,13 @@ class _Layout:
       for b, kv_start in enumerate(self.starts(source, self.kv_chunk)):
         yield a, q_start, b, kv_start
 
-  def pair(self, q, k, v, vis, kv_seg, a, q_start, b, kv_start):
-    """``map_heads`` arguments for query chunk ``a`` against key chunk ``b``."""
+  def pair(self, q, k, v, vis, visiting, a, q_start, b, kv_start):
+    """``map_heads`` arguments for query chunk ``a`` against key chunk ``b``
+    (``visiting``: the per-key arrays that travel with ``k``, ``v``)."""
     q_part = lambda x: _chunk(x, 1, a, self.q_chunk)
     kv_part = lambda x: _chunk(x, 1, b, self.kv_chunk)
-    vis = vis.replace(
-      q_seg=q_part(vis.q_seg),
-      kv_seg=kv_part(kv_seg),
+    vis = vis.map_arrays(rows=q_part).replace(
+      **{name: kv_part(x) for name, x in visiting.items()},
       q_start=jnp.asarray(q_start, jnp.int32),
       kv_start=jnp.asarray(kv_start, jnp.int32),
     )
@@ -83,15 +83,15 @@ def _local_forward(opts, blocks, layout_args, q, k, v, vis, seed):
   out_shape = q.shape[:1] + (num_kv, q.shape[2] // num_kv)
 
   def step(s, carry):
-    k, v, kv_seg, accs = carry
+    k, v, visiting, accs = carry
     accs = list(accs)
     for a, q_off, b, kv_off in layout.pairs((layout.index - s) % layout.n):
       head = functools.partial(_flash.head_forward, opts, blocks)
-      args = layout.pair(q, k, v, vis, kv_seg, a, q_off, b, kv_off)
+      args = layout.pair(q, k, v, vis, visiting, a, q_off, b, kv_off)
       out, (m, total) = map_heads(head, *args, seed, out_axis=0)
       accs[a] = _numerics.merge(accs[a], (out, m, total))
-    k, v, kv_seg = layout.rotate((k, v, kv_seg))
-    return k, v, kv_seg, accs
+    k, v, visiting = layout.rotate((k, v, visiting))
+    return k, v, visiting, accs
 
   rows = out_shape + (layout.q_chunk,)
   init = [
@@ -102,7 +102,7 @@ def _local_forward(opts, blocks, layout_args, q, k, v, vis, seed):
     )
     for _ in range(layout.chunks)
   ]
-  *_, accs = lax.fori_loop(0, layout.n, step, (k, v, vis.kv_seg, init))
+  *_, accs = lax.fori_loop(0, layout.n, step, (k, v, vis.arrays_of('cols'), init))
   # [B, K, G, T, V] and the rows' (m, total) [B, K, G, T]
   out, m, total = (jnp.concatenate(parts, axis=3) for parts in zip(*accs, strict=True))
   return out.astype(q.dtype), (m, total)
@@ -114,13 +114,13 @@ def _local_backward(opts, blocks, layout_args, q, k, v, vis, seed, out, stats, d
   q_part = lambda x, a: jax.tree.map(lambda x: _chunk(x, 3, a, layout.q_chunk), x)
 
   def step(s, carry):
-    k, v, kv_seg, dk, dv, dq = carry
+    k, v, visiting, dk, dv, dq = carry
     dq, dk, dv = list(dq), list(dk), list(dv)
     for a, q_off, b, kv_off in layout.pairs((layout.index - s) % layout.n):
       head = functools.partial(_flash.head_backward, opts, blocks)
       dq_ab, dk_ab, dv_ab, _ = map_heads(
         head,
-        *layout.pair(q, k, v, vis, kv_seg, a, q_off, b, kv_off),
+        *layout.pair(q, k, v, vis, visiting, a, q_off, b, kv_off),
         seed,
         out_axis=0,
         per_head=(q_part(out, a), q_part(stats, a), q_part(d_out, a)),
@@ -128,8 +128,8 @@ def _local_backward(opts, blocks, layout_args, q, k, v, vis, seed, out, stats, d
       dq[a] = dq[a] + dq_ab
       dk[b] = dk[b] + dk_ab.sum(axis=2)
       dv[b] = dv[b] + dv_ab.sum(axis=2)
-    k, v, kv_seg, dk, dv = layout.rotate((k, v, kv_seg, dk, dv))
-    return k, v, kv_seg, dk, dv, dq
+    k, v, visiting, dk, dv = layout.rotate((k, v, visiting, dk, dv))
+    return k, v, visiting, dk, dv, dq
 
   batch, num_kv = k.shape[0], k.shape[2]
   groups = q.shape[2] // num_kv
@@ -137,7 +137,7 @@ def _local_backward(opts, blocks, layout_args, q, k, v, vis, seed, out, stats, d
   init = (
     k,
     v,
-    vis.kv_seg,
+    vis.arrays_of('cols'),
     zeros(batch, num_kv, layout.kv_chunk, k.shape[-1]),
     zeros(batch, num_kv, layout.kv_chunk, v.shape[-1]),
     zeros(batch, num_kv, groups, layout.q_chunk, q.shape[-1]),
@@ -199,6 +199,19 @@ def _zigzag_moves(n: int):
   return moves
 
 
+def visibility_specs(vis, data, model, seq):
+  """The PartitionSpec of each array of ``vis`` by its kind (``ARRAYS``):
+  sequences over ``data``, heads over ``model``, positions over ``seq`` too;
+  each shard then holds the global batch and head indices of its part."""
+  along = lambda spec: lambda _: spec
+  return vis.map_arrays(
+    sequence=along(P(data)),
+    heads=along(P(model)),
+    rows=along(P(data, seq)),
+    cols=along(P(data, seq)),
+  )
+
+
 class Ring:
   """Ring attention over ``mesh[seq_axis]`` behind the kernel contract (see
   ``_registry``); batch and heads also split over the mesh's data and model
@@ -243,9 +256,8 @@ class Ring:
       pad_axis(p.k, 1, kv_size),
       pad_axis(p.v, 1, kv_size),
     )
-    vis = p.vis.replace(
-      q_seg=pad_axis(p.vis.q_seg, 1, q_size),
-      kv_seg=pad_axis(p.vis.kv_seg, 1, kv_size),
+    vis = p.vis.map_arrays(
+      rows=lambda x: pad_axis(x, 1, q_size), cols=lambda x: pad_axis(x, 1, kv_size)
     )
 
     def divides(axis, size):
@@ -255,15 +267,7 @@ class Ring:
     m = divides(self.model_axis, kv_heads) and divides(self.model_axis, heads)
     spec_bthd = P(b, seq_axis, m, None)
     spec = lambda x, s: None if x is None else s
-    vis_specs = vis.replace(
-      q_len=spec(vis.q_len, P(b)),
-      kv_len=spec(vis.kv_len, P(b)),
-      prefix=spec(vis.prefix, P(b)),
-      q_offset=spec(vis.q_offset, P(b)),
-      kv_offset=spec(vis.kv_offset, P(b)),
-      q_seg=spec(vis.q_seg, P(b, seq_axis)),
-      kv_seg=spec(vis.kv_seg, P(b, seq_axis)),
-    )
+    vis_specs = visibility_specs(vis, b, m, seq_axis)
     blocks = _flash.block_sizes(q_size // chunks, kv_size // chunks, p.opts.block_sizes)
     layout_args = (seq_axis, q_size // n, kv_size // n, zigzag)
     ring = functools.partial(_local_ring, p.opts, blocks, layout_args)
@@ -275,7 +279,7 @@ class Ring:
         return ring(q, k, v, vis, seed)
       to_zigzag = lambda x: _move_halves(x, seq_axis, moves)
       q, k, v = to_zigzag(q), to_zigzag(k), to_zigzag(v)
-      vis = vis.replace(q_seg=to_zigzag(vis.q_seg), kv_seg=to_zigzag(vis.kv_seg))
+      vis = vis.map_arrays(rows=to_zigzag, cols=to_zigzag)
       out, lse = ring(q, k, v, vis, seed)
       from_zigzag = lambda x: _move_halves(x, seq_axis, back)
       return from_zigzag(out), from_zigzag(lse)

@@ -15,19 +15,25 @@ likewise key column ``j`` is column ``c = kv_start + j`` at position
   segments            q_seg[r] == kv_seg[c]
   dense mask          mask[r, c]
 
-``elements`` answers for any block of rows and columns; ``kv_blocks`` says
-which key blocks a query block sees, split into *partial* blocks (test each
-element) and *full* blocks (every element visible, no test); ``q_blocks`` is
-the transpose for the backward. Each rule gives an interval of columns (or
-rows) seen by some element of the block and one seen by all; the position
-rules by arithmetic, segment ids by the blocks' min and max ids (correct for
-unsorted ids), a dense mask by its blocks' any and all.
+Each rule is said once. The *interval* rules (all but the last two) give,
+for a run of rows ``first..last``, the columns some row sees and the columns
+every row sees, both intervals; with ``first == last`` that is the row's
+exact visible interval, which is the element test. The *array* rules give an
+element test and per-block flags (segment ids by the blocks' min and max ids,
+correct for unsorted ids; a dense mask by its blocks' any and all).
+``block_mask`` classifies every (query block, key block) pair as hidden,
+partial (test each element) or full (no test) from both, for one row of the
+batch and one head: skipping follows each sequence's own layout.
+
+Each array is declared once in ``ARRAYS`` with its axis kind; ``map_heads``,
+the kernels' padding and the ring's chunking and mesh specs follow the kinds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,33 +44,43 @@ from jattn import masks
 # Stands for an unbounded position (well inside int32).
 _FAR = 2**29
 
-_DATA = (
-  'q_len',
-  'kv_len',
-  'prefix',
-  'q_seg',
-  'kv_seg',
-  'mask',
-  'q_offset',
-  'kv_offset',
-  'q_start',
-  'kv_start',
-)
+# Every array of the value and its axis kind, outside ``map_heads`` (after the
+# flat batch axis B):
+#   sequence  [B]                    one value per sequence
+#   heads     [H]                    one value per query head
+#   rows      [B, T]                 one per query row
+#   cols      [B, S]                 one per key column (travels with the keys)
+#   logits    [B|1, H|1, T|1, S|1]   broadcast like the logits
+#   step      scalar                 shared by the batch (a ring step's starts)
+# Inside ``map_heads`` each is one head's: a scalar, [T], [S] or [T|1, S|1].
+ARRAYS = {
+  'q_len': 'sequence',
+  'kv_len': 'sequence',
+  'prefix': 'sequence',
+  'q_offset': 'sequence',
+  'kv_offset': 'sequence',
+  'batch_index': 'sequence',
+  'head_index': 'heads',
+  'q_seg': 'rows',
+  'kv_seg': 'cols',
+  'mask': 'logits',
+  'q_start': 'step',
+  'kv_start': 'step',
+}
 _META = ('is_causal', 'window', 'chunk_size', 'kv_size', 'kv_extent')
+
+# Block states, ordered as the kernels visit them.
+PARTIAL, FULL, HIDDEN = 0, 1, 2
 
 
 @functools.partial(
-  jax.tree_util.register_dataclass, data_fields=_DATA, meta_fields=_META
+  jax.tree_util.register_dataclass, data_fields=tuple(ARRAYS), meta_fields=_META
 )
 @dataclasses.dataclass(frozen=True)
 class Visibility:
-  """Static rules and per-sequence arrays (one head inside ``map_heads``).
-
-  Outside ``map_heads`` the arrays carry a batch axis: lengths, prefix and
-  offsets ``[B]``, ``q_seg [B, T]``, ``kv_seg [B, S]``, ``mask [B|1, H|1,
-  T|1, S|1]``. Inside, ``mask`` is ``[T|1, S|1]``. ``q_start``/``kv_start``
-  are scalars shared by the batch. None stands for 0 (offsets, starts).
-  """
+  """Static rules and the arrays of ``ARRAYS`` (None: unset; offsets and
+  starts then 0). ``batch_index``/``head_index`` are the global batch row
+  and query head (what a kernel may hand a user function)."""
 
   is_causal: bool = False
   window: tuple[int, int] | None = None
@@ -74,15 +90,36 @@ class Visibility:
   q_len: jax.Array | None = None
   kv_len: jax.Array | None = None
   prefix: jax.Array | None = None
+  q_offset: jax.Array | None = None
+  kv_offset: jax.Array | None = None
+  batch_index: jax.Array | None = None
+  head_index: jax.Array | None = None
   q_seg: jax.Array | None = None
   kv_seg: jax.Array | None = None
   mask: jax.Array | None = None
-  q_offset: jax.Array | None = None
-  kv_offset: jax.Array | None = None
   q_start: jax.Array | None = None
   kv_start: jax.Array | None = None
 
   replace = dataclasses.replace
+
+  def map_arrays(self, **by_kind) -> Visibility:
+    """A copy with each set array of a kind in ``by_kind`` replaced by
+    ``by_kind[kind](array)``."""
+    return self.replace(
+      **{
+        name: by_kind[kind](getattr(self, name))
+        for name, kind in ARRAYS.items()
+        if kind in by_kind and getattr(self, name) is not None
+      }
+    )
+
+  def arrays_of(self, kind: str) -> dict:
+    """The set arrays of ``kind``, by name."""
+    return {
+      name: getattr(self, name)
+      for name, k in ARRAYS.items()
+      if k == kind and getattr(self, name) is not None
+    }
 
   @property
   def _q_first(self):
@@ -110,29 +147,53 @@ class Visibility:
       self._kv_first + c0 + jnp.arange(cols),
     )
 
+  def _intervals(self, first, last):
+    """Columns of the sequence that rows ``first..last`` (scalars, or arrays
+    for many runs at once) may see under the interval rules: ``(seen, full)``,
+    each ``(low, high)``, inclusive; ``full`` is seen by every row. None
+    without such rules."""
+    p_first, p_last = first + self._q_shift, last + self._q_shift
+    by_position = []
+    if self.is_causal:
+      prefix_end = -_FAR if self.prefix is None else self.prefix - 1
+      by_position.append(
+        (
+          (-_FAR, jnp.maximum(p_last, prefix_end)),
+          (-_FAR, jnp.maximum(p_first, prefix_end)),
+        )
+      )
+    if self.window is not None:
+      by_position.append(_band(p_first, p_last, *self.window))
+    if self.chunk_size is not None:
+      by_position.append(_chunk(p_first, p_last, self.chunk_size))
+    rules = [_shift(rule, -self._kv_shift) for rule in by_position]
+    extent = None if self.kv_extent is None else self._kv_first + self.kv_extent
+    limits = (self.kv_len, self.kv_size, extent)
+    rules += [_below(limit) for limit in limits if limit is not None]
+    if self.q_len is not None:
+      rules.append(_all_if(first < self.q_len, last < self.q_len))
+    if not rules:
+      return None
+    shape = jnp.shape(first)
+
+    def intersect(intervals):
+      low = functools.reduce(jnp.maximum, [lo for lo, _ in intervals])
+      high = functools.reduce(jnp.minimum, [hi for _, hi in intervals])
+      return jnp.broadcast_to(low, shape), jnp.broadcast_to(high, shape)
+
+    return intersect([s for s, _ in rules]), intersect([f for _, f in rules])
+
   def elements(self, r0, c0, rows: int, cols: int):
     """``[rows, cols]`` bool for the block at local ``(r0, c0)``; None when
     everything is visible (callers skip the select)."""
     q_idx, kv_idx = self.indices(r0, c0, rows, cols)
-    q_pos, kv_pos = q_idx + self._q_shift, kv_idx + self._kv_shift
     conditions = []
-    if self.is_causal:
-      causal = masks.causal_from_positions(q_pos, kv_pos)
-      if self.prefix is not None:
-        causal = causal | (kv_pos < self.prefix)[None, :]
-      conditions.append(causal)
-    if self.window is not None:
-      conditions.append(masks.window_from_positions(q_pos, kv_pos, self.window))
-    if self.chunk_size is not None:
-      conditions.append(masks.chunk_from_positions(q_pos, kv_pos, self.chunk_size))
-    if self.q_len is not None:
-      conditions.append((q_idx < self.q_len)[:, None])
-    if self.kv_len is not None:
-      conditions.append((kv_idx < self.kv_len)[None, :])
-    if self.kv_size is not None:
-      conditions.append((kv_idx < self.kv_size)[None, :])
-    if self.kv_extent is not None:
-      conditions.append((c0 + jnp.arange(cols) < self.kv_extent)[None, :])
+    intervals = self._intervals(q_idx, q_idx)
+    if intervals is not None:
+      (low, high), _ = intervals
+      conditions.append(
+        (kv_idx[None, :] >= low[:, None]) & (kv_idx[None, :] <= high[:, None])
+      )
     if self.q_seg is not None:
       q_seg = lax.dynamic_slice_in_dim(self.q_seg, r0, rows)
       kv_seg = lax.dynamic_slice_in_dim(self.kv_seg, c0, cols)
@@ -148,91 +209,70 @@ class Visibility:
       return jnp.ones((q_size,), bool)
     return jnp.broadcast_to(visible, (q_size, kv_size)).any(axis=-1)
 
-  @property
-  def _key_limits(self):
-    """Bounds on visible columns: lengths, real keys, local extent."""
-    extent = None if self.kv_extent is None else self._kv_first + self.kv_extent
-    return [x for x in (self.kv_len, self.kv_size, extent) if x is not None]
-
   def pad(self, rows: int, cols: int, kv_extent: int) -> Visibility:
     """Padded to ``rows`` x ``cols`` local rows and columns (a kernel's whole
-    blocks) from ``kv_extent`` real columns: segment ids and mask padded,
-    padded columns hidden."""
+    blocks) from ``kv_extent`` real columns: padded columns hidden."""
     extent = self.kv_extent if cols == kv_extent else kv_extent
-    return self.replace(
-      q_seg=pad_axis(self.q_seg, 0, rows),
-      kv_seg=pad_axis(self.kv_seg, 0, cols),
-      mask=pad_logits(self.mask, rows, cols),
-      kv_extent=extent,
-    )
+    return self.map_arrays(
+      rows=lambda x: pad_axis(x, 0, rows),
+      cols=lambda x: pad_axis(x, 0, cols),
+      logits=lambda x: pad_logits(x, rows, cols),
+    ).replace(kv_extent=extent)
 
-  # -- block ranges: each rule gives an interval of visible positions and an
-  # interval of positions visible to the whole block; they intersect.
+  def block_states(self, bq: int, bk: int, nq: int, nk: int):
+    """``[nq, nk]`` int32: each (query block, key block) pair of local rows
+    ``i·bq ...`` and columns ``j·bk ...`` is ``HIDDEN`` (no visible element),
+    ``FULL`` (every element visible) or ``PARTIAL``. Arrays must cover the
+    ``nq·bq`` rows and ``nk·bk`` columns (``pad``)."""
+    first = self._q_first + jnp.arange(nq) * bq
+    col_first = (self._kv_first + jnp.arange(nk) * bk)[None, :]
+    col_last = col_first + bk - 1
+    some = every = jnp.ones((nq, nk), bool)
+    intervals = self._intervals(first, first + bq - 1)
+    if intervals is not None:
+      (low, high), (full_low, full_high) = intervals
+      some = (col_last >= low[:, None]) & (col_first <= high[:, None])
+      every = (col_first >= full_low[:, None]) & (col_last <= full_high[:, None])
+    for flags in (
+      _segment_blocks(self.q_seg, bq, self.kv_seg, bk),
+      _mask_blocks(self.mask, bq, bk),
+    ):
+      if flags is not None:
+        some, every = some & flags[0], every & flags[1]
+    return jnp.where(some, jnp.where(every, FULL, PARTIAL), HIDDEN)
 
-  def kv_blocks(self, i, bq: int, bk: int, num_blocks: int):
-    """Key blocks of query block ``i``: ``(lo, full_lo, full_hi, hi)``.
+  def block_mask(self, bq: int, bk: int, nq: int, nk: int) -> BlockMask:
+    """The blocks to visit, both ways (``block_states``)."""
+    return BlockMask.from_states(self.block_states(bq, bk, nq, nk))
 
-    ``[lo, hi)`` may hold visible elements; within it ``[full_lo, full_hi)``
-    are visible throughout; the rest are partial.
-    """
-    first = self._q_first + i * bq  # rows first..last of the sequence
-    last = first + bq - 1
-    # Position rules, in positions, shifted to columns.
-    p_first, p_last = first + self._q_shift, last + self._q_shift
-    by_position = []  # (columns seen by some row, columns seen by every row)
-    if self.is_causal:
-      prefix_end = -_FAR if self.prefix is None else self.prefix - 1
-      by_position.append(
-        (
-          (-_FAR, jnp.maximum(p_last, prefix_end)),
-          (-_FAR, jnp.maximum(p_first, prefix_end)),
-        )
-      )
-    if self.window is not None:
-      by_position.append(_band(p_first, p_last, *self.window))
-    if self.chunk_size is not None:
-      by_position.append(_chunk(p_first, p_last, self.chunk_size))
-    rules = [_shift(rule, -self._kv_shift) for rule in by_position]
-    rules += [_below(limit) for limit in self._key_limits]
-    if self.q_len is not None:
-      rules.append(_all_if(first < self.q_len, last < self.q_len))
-    if self.q_seg is not None:
-      flags = _segment_blocks(self.q_seg, i, bq, self.kv_seg, bk, num_blocks)
-      rules.append(_from_blocks(*flags, self._kv_first, bk))
-    if self.mask is not None:
-      flags = _mask_blocks(self.mask, i, bq, bk, num_blocks)
-      rules.append(_from_blocks(*flags, self._kv_first, bk))
-    return _block_range(rules, self._kv_first, bk, num_blocks)
 
-  def q_blocks(self, j, bq: int, bk: int, num_blocks: int):
-    """Query blocks that see key block ``j``: ``(lo, full_lo, full_hi, hi)``."""
-    first = self._kv_first + j * bk  # columns first..last of the sequence
-    last = first + bk - 1
-    p_first, p_last = first + self._kv_shift, last + self._kv_shift
-    by_position = []  # (rows that see some column, rows that see every column)
-    if self.is_causal:
-      prefix = -_FAR if self.prefix is None else self.prefix
-      by_position.append(
-        (
-          (jnp.where(p_first < prefix, -_FAR, p_first), _FAR),
-          (jnp.where(p_last < prefix, -_FAR, p_last), _FAR),
-        )
-      )
-    if self.window is not None:
-      by_position.append(_band(p_first, p_last, *reversed(self.window)))
-    if self.chunk_size is not None:
-      by_position.append(_chunk(p_first, p_last, self.chunk_size))
-    rules = [_shift(rule, -self._q_shift) for rule in by_position]
-    if self.q_len is not None:
-      rules.append(_below(self.q_len))
-    rules += [_all_if(first < limit, last < limit) for limit in self._key_limits]
-    if self.q_seg is not None:
-      flags = _segment_blocks(self.kv_seg, j, bk, self.q_seg, bq, num_blocks)
-      rules.append(_from_blocks(*flags, self._q_first, bq))
-    if self.mask is not None:
-      flags = _mask_blocks(self.mask.T, j, bk, bq, num_blocks)
-      rules.append(_from_blocks(*flags, self._q_first, bq))
-    return _block_range(rules, self._q_first, bq, num_blocks)
+class Visits(NamedTuple):
+  """Per block of one side, the blocks of the other side to visit: ``order
+  [n, m]`` lists the partial blocks first, then the full ones (then the
+  hidden), ``partial [n]`` and ``full [n]`` count them."""
+
+  order: jax.Array
+  partial: jax.Array
+  full: jax.Array
+
+  @classmethod
+  def from_states(cls, states):
+    order = jnp.argsort(states, axis=1, stable=True).astype(jnp.int32)
+    count = lambda state: jnp.sum(states == state, axis=1, dtype=jnp.int32)
+    return cls(order, count(PARTIAL), count(FULL))
+
+
+class BlockMask(NamedTuple):
+  """One head's block-sparse plan: ``kv`` (per query block, the key blocks,
+  for the forward) and ``q`` (per key block, the query blocks, for the
+  backward: the transpose)."""
+
+  kv: Visits
+  q: Visits
+
+  @classmethod
+  def from_states(cls, states):
+    return cls(Visits.from_states(states), Visits.from_states(states.T))
 
 
 def _shift(rule, by):
@@ -248,19 +288,19 @@ def _band(first, last, before: int, after: int):
 
 
 def _chunk(first, last, size: int):
-  """A chunk: the same chunk as the position (symmetric in rows and columns)."""
+  """A chunk: the same chunk as the position."""
   start = first // size * size
   seen = (start, last // size * size + size - 1)
   return seen, _where(first // size == last // size, (start, start + size - 1))
 
 
 def _below(limit):
-  """Positions below ``limit``."""
+  """Columns below ``limit``."""
   return (-_FAR, limit - 1), (-_FAR, limit - 1)
 
 
 def _all_if(some, every):
-  """Everything, when ``some`` (or ``every``) position of the block counts."""
+  """Every column, when ``some`` (or ``every``) row of the run counts."""
   return _where(some, (-_FAR, _FAR)), _where(every, (-_FAR, _FAR))
 
 
@@ -270,70 +310,32 @@ def _where(condition, interval):
   return jnp.where(condition, low, _FAR), jnp.where(condition, high, -_FAR)
 
 
-def _whole_blocks(x, axis: int, size: int):
-  """``x`` padded along ``axis`` to whole blocks of ``size``."""
-  return pad_axis(x, axis, -(-x.shape[axis] // size) * size)
+def _in_blocks(x, axis: int, size: int):
+  """``x`` with ``axis`` split into ``(blocks, size)``."""
+  return x.reshape(x.shape[:axis] + (-1, size) + x.shape[axis + 1 :])
 
 
-def _segment_blocks(own, index, own_size: int, other, size: int, count: int):
-  """Block ``index`` of the ids ``own`` against the ``count`` blocks of the
-  ids ``other``: ``[count]`` flags (some id in common could be; every id is
-  one and the same). Padding (id 0) only widens "some" and breaks "every"."""
-  block = lax.dynamic_slice_in_dim(
-    _whole_blocks(own, 0, own_size), index * own_size, own_size
-  )
-  ids = _whole_blocks(other, 0, size)[: count * size].reshape(count, size)
-  low, high = ids.min(axis=1), ids.max(axis=1)
-  own_low, own_high = block.min(), block.max()
-  some = (low <= own_high) & (high >= own_low)
-  every = (low == high) & (own_low == own_high) & (low == own_low)
+def _segment_blocks(q_seg, bq: int, kv_seg, bk: int):
+  """``[nq, nk]`` flags (the blocks could share an id; both hold one and the
+  same id) from the blocks' min and max ids; None without segment ids."""
+  if q_seg is None:
+    return None
+  q_ids, kv_ids = _in_blocks(q_seg, 0, bq), _in_blocks(kv_seg, 0, bk)
+  q_low, q_high = q_ids.min(axis=1)[:, None], q_ids.max(axis=1)[:, None]
+  kv_low, kv_high = kv_ids.min(axis=1)[None, :], kv_ids.max(axis=1)[None, :]
+  some = (kv_low <= q_high) & (kv_high >= q_low)
+  every = (kv_low == kv_high) & (q_low == q_high) & (kv_low == q_low)
   return some, every
 
 
-def _mask_blocks(mask, index, own_size: int, size: int, count: int):
-  """Rows ``index * own_size ...`` of a ``[rows|1, cols|1]`` mask against its
-  ``count`` column blocks: ``[count]`` flags (any visible; all visible)."""
-  if mask.shape[0] != 1:
-    mask = lax.dynamic_slice_in_dim(
-      _whole_blocks(mask, 0, own_size), index * own_size, own_size
-    )
-  if mask.shape[1] == 1:
-    return jnp.broadcast_to(mask.any(), (count,)), jnp.broadcast_to(
-      mask.all(), (count,)
-    )
-  blocks = _whole_blocks(mask, 1, size)[:, : count * size]
-  blocks = blocks.reshape(mask.shape[0], count, size)
-  return blocks.any(axis=(0, 2)), blocks.all(axis=(0, 2))
-
-
-def _from_blocks(some, every, start, size: int):
-  """Block flags -> a rule: columns from the first to the last block with
-  ``some``; full, the run of ``every`` blocks from the first one."""
-  count = some.shape[0]
-  index = jnp.arange(count)
-  first = jnp.min(jnp.where(some, index, count))
-  last = jnp.max(jnp.where(some, index, -1))
-  full_first = jnp.min(jnp.where(every, index, count))
-  full_end = jnp.min(jnp.where((index > full_first) & ~every, index, count))
-  seen = (start + first * size, start + (last + 1) * size - 1)
-  return seen, (start + full_first * size, start + full_end * size - 1)
-
-
-def _block_range(rules, start, size: int, count: int):
-  """``(seen, full)`` intervals of each rule (rows or columns of the
-  sequence) -> their intersection as ``(lo, full_lo, full_hi, hi)`` block
-  indices."""
-  seen = [interval for interval, _ in rules]
-  full = [interval for _, interval in rules]
-  low = functools.reduce(jnp.maximum, [lo for lo, _ in seen], -_FAR)
-  high = functools.reduce(jnp.minimum, [hi for _, hi in seen], _FAR)
-  lo = jnp.clip((low - start) // size, 0, count)
-  hi = jnp.clip((high - start) // size + 1, lo, count)
-  full_low = functools.reduce(jnp.maximum, [lo for lo, _ in full], -_FAR)
-  full_high = functools.reduce(jnp.minimum, [hi for _, hi in full], _FAR)
-  full_lo = jnp.clip(-((start - full_low) // size), lo, hi)
-  full_hi = jnp.clip((full_high - start + 1) // size, full_lo, hi)
-  return lo, full_lo, full_hi, hi
+def _mask_blocks(mask, bq: int, bk: int):
+  """``[nq|1, nk|1]`` flags (any visible; all visible) of a ``[T|1, S|1]``
+  mask's blocks; None without a mask."""
+  if mask is None:
+    return None
+  rows = _in_blocks(mask, 0, bq) if mask.shape[0] > 1 else mask[None]
+  blocks = _in_blocks(rows, 2, bk) if mask.shape[1] > 1 else rows[..., None]
+  return blocks.any(axis=(1, 3)), blocks.all(axis=(1, 3))
 
 
 def pad_axis(x, axis: int, size: int):

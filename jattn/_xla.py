@@ -25,8 +25,17 @@ from jattn._prepare import Prepared
 _CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 # What jax.nn.dot_product_attention expresses; kv_size (the real keys) is
-# the key length it is given.
-_RULES = {'is_causal', 'window', 'q_len', 'kv_len', 'mask', 'kv_size'}
+# the key length it is given; the batch and head indices change nothing.
+_RULES = {
+  'is_causal',
+  'window',
+  'q_len',
+  'kv_len',
+  'mask',
+  'kv_size',
+  'batch_index',
+  'head_index',
+}
 _OPTIONS = {
   'scale',
   'is_causal',
@@ -86,7 +95,7 @@ class Xla:
   def supports(self, p: Prepared) -> list[str]:
     reasons = []
     if self.name == 'cudnn':
-      backend = jax.default_backend()
+      backend = p.backend
       head_dim = p.q.shape[-1]
       if backend != 'gpu':
         reasons.append(f'the {backend!r} backend (cuDNN needs an NVIDIA GPU)')

@@ -12,13 +12,90 @@ import pytest
 
 import jattn
 from jattn import sharding, testing
-from jattn._visibility import Visibility
+from jattn._visibility import FULL, HIDDEN, PARTIAL, Visibility
 from tests import helpers
 
 
 def dense(vis, t, s):
   visible = vis.elements(0, 0, t, s)
   return np.ones((t, s), bool) if visible is None else np.broadcast_to(visible, (t, s))
+
+
+def numpy_visible(t, s, rules):
+  """The rules of ``Visibility``'s docstring, element by element in NumPy."""
+  r = rules['starts'][0] + np.arange(t)[:, None]
+  c = rules['starts'][1] + np.arange(s)[None, :]
+  p, p_k = r + rules['offsets'][0], c + rules['offsets'][1]
+  visible = (c < rules['kv_size']) & (np.arange(s)[None, :] < rules['kv_extent'])
+  visible = np.broadcast_to(visible, (t, s)).copy()
+  if rules['causal']:
+    prefix = -1 if rules['prefix'] is None else rules['prefix']
+    visible &= (p_k <= p) | (p_k < prefix)
+  if rules['window'] is not None:
+    visible &= (p_k >= p - rules['window'][0]) & (p_k <= p + rules['window'][1])
+  if rules['chunk'] is not None:
+    visible &= p // rules['chunk'] == p_k // rules['chunk']
+  if rules['q_len'] is not None:
+    visible &= r < rules['q_len']
+  if rules['kv_len'] is not None:
+    visible &= c < rules['kv_len']
+  if rules['q_seg'] is not None:
+    visible &= rules['q_seg'][:, None] == rules['kv_seg'][None, :]
+  if rules['mask'] is not None:
+    visible &= rules['mask']
+  return visible
+
+
+def visibility_of(rules):
+  as_array = lambda x: None if x is None else jnp.asarray(x)
+  return Visibility(
+    is_causal=rules['causal'],
+    window=rules['window'],
+    chunk_size=rules['chunk'],
+    kv_size=rules['kv_size'],
+    kv_extent=rules['kv_extent'],
+    q_len=as_array(rules['q_len']),
+    kv_len=as_array(rules['kv_len']),
+    prefix=as_array(rules['prefix']),
+    q_start=as_array(rules['starts'][0]),
+    kv_start=as_array(rules['starts'][1]),
+    q_offset=as_array(rules['offsets'][0]),
+    kv_offset=as_array(rules['offsets'][1]),
+    q_seg=as_array(rules['q_seg']),
+    kv_seg=as_array(rules['kv_seg']),
+    mask=as_array(rules['mask']),
+  )
+
+
+def brute_states(visible, t, s, bq, bk):
+  """``[nq, nk]`` states of the real rows and columns of each block (full:
+  every real row sees every column, and no column is padding)."""
+  nq, nk = -(-t // bq), -(-s // bk)
+  states = np.full((nq, nk), HIDDEN)
+  for i in range(nq):
+    for j in range(nk):
+      block = visible[i * bq : (i + 1) * bq, j * bk : (j + 1) * bk]
+      if block.all() and block.shape[1] == bk:
+        states[i, j] = FULL
+      elif block.any():
+        states[i, j] = PARTIAL
+  return states
+
+
+def planned_states(vis, t, s, bq, bk):
+  nq, nk = -(-t // bq), -(-s // bk)
+  padded = vis.pad(nq * bq, nk * bk, vis.kv_extent if vis.kv_extent else s)
+  states = np.asarray(padded.block_states(bq, bk, nq, nk))
+  plan = padded.block_mask(bq, bk, nq, nk)
+  for visits, by_block in ((plan.kv, states), (plan.q, states.T)):
+    for n, row in enumerate(by_block):
+      order, partial, full = (np.asarray(x[n]) for x in visits)
+      assert (row[order[:partial]] == PARTIAL).all() and partial == (
+        row == PARTIAL
+      ).sum()
+      assert (row[order[partial : partial + full]] == FULL).all()
+      assert full == (row == FULL).sum()
+  return states
 
 
 @hypothesis.settings(max_examples=30, deadline=None)
@@ -39,81 +116,92 @@ def dense(vis, t, s):
   mask=st.sampled_from([None, 'random', 'block diagonal', 'rows', 'columns']),
   seed=st.integers(0, 2**16),
 )
-def test_block_ranges_agree_with_elements(
-  t,
-  s,
-  bq,
-  bk,
-  causal,
-  window,
-  chunk,
-  prefix,
-  q_len,
-  kv_len,
-  starts,
-  offsets,
-  segments,
-  mask,
-  seed,
-):
-  """Blocks outside [lo, hi) hold no visible element; blocks in
-  [full_lo, full_hi) are visible throughout; both directions; a ring step's
-  starts, the caller's position offsets, segment ids (sorted as packed
-  documents, or not) and dense masks included."""
+def test_block_mask_is_sound_against_numpy(
+  t, s, bq, bk, causal, window, chunk, prefix, q_len, kv_len, starts, offsets,
+  segments, mask, seed,
+):  # fmt: skip
+  """Elements equal a NumPy oracle; a hidden block holds no visible element
+  and a full one is visible throughout (padding included: a full block has
+  no padded key), for every rule, a ring step's starts, the caller's
+  offsets, segment ids (sorted as packed documents, or not) and dense masks;
+  the visit lists say the same both ways."""
   rng = np.random.default_rng(seed)
   q_seg = kv_seg = None
   if segments is not None:
     q_seg, kv_seg = rng.integers(0, 3, t), rng.integers(0, 3, s)
     if segments == 'sorted':
       q_seg, kv_seg = np.sort(q_seg), np.sort(kv_seg)
-  dense_mask = {
-    None: None,
-    'random': rng.random((t, s)) < 0.5,
-    'block diagonal': (np.arange(t)[:, None] // 8) == (np.arange(s)[None, :] // 8),
-    'rows': rng.random((t, 1)) < 0.7,
-    'columns': rng.random((1, s)) < 0.7,
-  }[mask]
-  as_array = lambda x: None if x is None else jnp.asarray(x)
-  vis = Visibility(
-    is_causal=causal,
+  rules = dict(
+    causal=causal,
     window=window,
-    chunk_size=chunk,
+    chunk=chunk,
+    prefix=prefix if causal else None,
+    q_len=q_len,
+    kv_len=kv_len,
+    starts=starts,
+    offsets=offsets,
     kv_size=starts[1] + s - 3,  # the last keys are a ring's padding
     kv_extent=s - 1,  # and the very last a kernel's
-    q_len=None if q_len is None else jnp.asarray(q_len),
-    kv_len=None if kv_len is None else jnp.asarray(kv_len),
-    prefix=None if prefix is None or not causal else jnp.asarray(prefix),
-    q_start=jnp.asarray(starts[0]),
-    kv_start=jnp.asarray(starts[1]),
-    q_offset=jnp.asarray(offsets[0]),
-    kv_offset=jnp.asarray(offsets[1]),
-    q_seg=as_array(q_seg),
-    kv_seg=as_array(kv_seg),
-    mask=as_array(dense_mask),
+    q_seg=q_seg,
+    kv_seg=kv_seg,
+    mask={
+      None: None,
+      'random': rng.random((t, s)) < 0.5,
+      'block diagonal': (np.arange(t)[:, None] // 8) == (np.arange(s)[None, :] // 8),
+      'rows': rng.random((t, 1)) < 0.7,
+      'columns': rng.random((1, s)) < 0.7,
+    }[mask],
   )
-  nq, nk = -(-t // bq), -(-s // bk)
-  visible = np.zeros((nq * bq, nk * bk), bool)
-  visible[:t, :s] = dense(vis, t, s)
-  blocks = visible.reshape(nq, bq, nk, bk).transpose(0, 2, 1, 3)  # [nq, nk, bq, bk]
-  kv_ranges = np.stack(jax.vmap(lambda i: vis.kv_blocks(i, bq, bk, nk))(jnp.arange(nq)))
-  q_ranges = np.stack(jax.vmap(lambda j: vis.q_blocks(j, bq, bk, nq))(jnp.arange(nk)))
-  for i in range(nq):
-    lo, full_lo, full_hi, hi = kv_ranges[:, i]
-    assert 0 <= lo <= full_lo <= full_hi <= hi <= nk
-    rows = min(bq, t - i * bq)
-    for j in range(nk):
-      if not lo <= j < hi:
-        assert not blocks[i, j].any(), (i, j)
-      if full_lo <= j < full_hi:
-        assert blocks[i, j, :rows, : min(bk, s - j * bk)].all(), (i, j)
-  for j in range(nk):
-    lo, full_lo, full_hi, hi = q_ranges[:, j]
-    assert 0 <= lo <= full_lo <= full_hi <= hi <= nq
-    for i in range(nq):
-      if not lo <= i < hi:
-        assert not blocks[i, j].any(), (i, j)
-      if full_lo <= i < full_hi:
-        assert blocks[i, j, : min(bq, t - i * bq), : min(bk, s - j * bk)].all()
+  vis = visibility_of(rules)
+  visible = numpy_visible(t, s, rules)
+  np.testing.assert_array_equal(dense(vis, t, s), visible)
+  states = planned_states(vis, t, s, bq, bk)
+  brute = brute_states(visible, t, s, bq, bk)
+  assert ((states == HIDDEN) <= (brute == HIDDEN)).all()
+  assert ((states == FULL) <= (brute == FULL)).all()
+  if t % bq == 0 and not segments and not mask:  # exact, for interval rules
+    assert ((brute == FULL) <= (states == FULL)).all()
+
+
+@pytest.mark.parametrize(
+  'rule',
+  [
+    dict(causal=True),
+    dict(causal=True, prefix=12),
+    dict(window=(5, 3)),
+    dict(chunk=12),
+    dict(q_len=13, kv_len=21),
+    dict(segments=True),
+    dict(mask=True),
+    dict(segments=True, causal=True, offsets=(8, 0)),
+  ],
+  ids=str,
+)
+def test_block_mask_is_exact_for_whole_blocks(rule):
+  """With whole blocks the states equal the brute-force classification of
+  the NumPy mask: interval rules alone, sorted segment ids alone, a dense
+  mask alone, and packed documents under causal with an offset."""
+  t = s = 32
+  rng = np.random.default_rng(0)
+  ids = np.sort(rng.integers(0, 4, t)) if rule.get('segments') else None
+  rules = dict(
+    causal=rule.get('causal', False),
+    window=rule.get('window'),
+    chunk=rule.get('chunk'),
+    prefix=rule.get('prefix'),
+    q_len=rule.get('q_len'),
+    kv_len=rule.get('kv_len'),
+    starts=(0, 0),
+    offsets=rule.get('offsets', (0, 0)),
+    kv_size=s,
+    kv_extent=s,
+    q_seg=ids,
+    kv_seg=ids,
+    mask=rng.random((t, s)) < 0.02 if rule.get('mask') else None,
+  )
+  visible = numpy_visible(t, s, rules)
+  states = planned_states(visibility_of(rules), t, s, 4, 8)
+  np.testing.assert_array_equal(states, brute_states(visible, t, s, 4, 8))
 
 
 def chunk_mask(t, s, size):
@@ -364,31 +452,21 @@ def test_offsets_are_checked_and_refused_by_xla():
 def test_packed_documents_and_block_diagonal_masks_skip_other_documents():
   # Four documents of 16 in T = S = 64, blocks of 8: query block i sees the
   # two key blocks of its document, both full (no element test); with
-  # is_causal only the ones up to its own.
+  # is_causal only the ones up to its own, the diagonal one partial.
   ids = jnp.repeat(jnp.arange(4), 16)
   block_diagonal = ids[:, None] == ids[None, :]
+  document = np.repeat(np.arange(4), 2)
+  same = document[:, None] == document[None, :]
+  below = np.tri(8, dtype=bool)
+  diagonal = np.eye(8, dtype=bool)
+  expected = {
+    False: np.where(same, FULL, HIDDEN),
+    True: np.where(same & below, np.where(diagonal, PARTIAL, FULL), HIDDEN),
+  }
   for vis in (
     Visibility(q_seg=ids, kv_seg=ids),
     Visibility(mask=block_diagonal),
     Visibility(is_causal=True, q_seg=ids, kv_seg=ids),
   ):
-    for i in range(8):
-      lo, full_lo, full_hi, hi = (int(x) for x in vis.kv_blocks(i, 8, 8, 8))
-      document = 2 * (i // 2)
-      if vis.is_causal:
-        assert (lo, hi) == (document, i + 1) and (full_lo, full_hi) == (document, i)
-      else:
-        assert (lo, full_lo, full_hi, hi) == (
-          document,
-          document,
-          document + 2,
-          document + 2,
-        )
-      lo, full_lo, full_hi, hi = (int(x) for x in vis.q_blocks(i, 8, 8, 8))
-      if not vis.is_causal:
-        assert (lo, full_lo, full_hi, hi) == (
-          document,
-          document,
-          document + 2,
-          document + 2,
-        )
+    states = vis.block_states(8, 8, 8, 8)
+    np.testing.assert_array_equal(states, expected[vis.is_causal])
