@@ -24,6 +24,12 @@ from jattn._heads import map_heads
 from jattn._prepare import Prepared
 from jattn._visibility import Visibility, logits_block, pad_axis, pad_logits
 
+# Backends where the rows of a batch whose block masks differ run in turn
+# (each row visits only its own blocks). Elsewhere one vmap runs them together
+# (parallel hardware wants the batch): every row then takes as many loop
+# steps as the row with the most blocks.
+ROWS_IN_TURN = ('cpu',)
+
 # Default (query, key) block sizes by backend; measured on a 2-core CPU with
 # benchmarks/attention.py, where larger key blocks amortise loop overhead.
 DEFAULT_BLOCKS = {'cpu': (512, 256), 'gpu': (128, 128), 'tpu': (512, 512)}
@@ -239,25 +245,36 @@ def _reduce_bias_grad(dbias, bias):
   return dbias.astype(bias.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(opts, blocks, q, k, v, bias, vis, seed):
-  return _flash_forward(opts, blocks, q, k, v, bias, vis, seed)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(opts, blocks, in_turn, q, k, v, bias, vis, seed):
+  return _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed)[0]
 
 
-def _flash_forward(opts, blocks, q, k, v, bias, vis, seed):
+def _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed):
   head = functools.partial(head_forward, opts, blocks)
-  out, stats = map_heads(head, q, k, v, bias, vis, seed, out_axis=0)
+  out, stats = map_heads(
+    head, q, k, v, bias, vis, seed, out_axis=0, rows_in_turn=in_turn
+  )
   lse = heads_last(_numerics.log_sum_exp(*stats)[..., None])[..., 0]
   return (heads_last(out), lse), (q, k, v, bias, vis, seed, out, stats)
 
 
-def _flash_backward(opts, blocks, residuals, cotangents):
+def _flash_backward(opts, blocks, in_turn, residuals, cotangents):
   d_out, _ = cotangents  # the log-sum-exp is returned without a gradient
   q, k, v, bias, vis, seed, out, stats = residuals
   head = functools.partial(head_backward, opts, blocks)
   per_head = (out, stats, heads_grouped(d_out, k.shape[2]))
   dq, dk, dv, dbias = map_heads(
-    head, q, k, v, bias, vis, seed, out_axis=0, per_head=per_head
+    head,
+    q,
+    k,
+    v,
+    bias,
+    vis,
+    seed,
+    out_axis=0,
+    per_head=per_head,
+    rows_in_turn=in_turn,
   )
   dk = jnp.moveaxis(dk.sum(axis=2), 1, 2)  # [B, K, G, S, D] -> [B, S, K, D]
   dv = jnp.moveaxis(dv.sum(axis=2), 1, 2)
@@ -289,5 +306,17 @@ class Flash:
     if q.dtype == jnp.float32:  # scale q once instead of every block of logits
       q = q * jnp.float32(opts.scale)
       opts = dataclasses.replace(opts, scale=1.0)
-    out, lse = _flash(opts, blocks, q, p.k, p.v, p.bias, p.vis, p.seed)
+    in_turn = rows_in_turn(p, blocks)
+    out, lse = _flash(opts, blocks, in_turn, q, p.k, p.v, p.bias, p.vis, p.seed)
     return out, lax.stop_gradient(lse)
+
+
+def rows_in_turn(p: Prepared, blocks) -> bool:
+  """Whether the rows of ``p``'s batch run one after another, each visiting
+  only its own blocks: on a backend of ``ROWS_IN_TURN``, when the rows' block
+  masks may differ and there is more than one block to choose from."""
+  (bq, bk), (batch, q_len), kv_len = blocks, p.q.shape[:2], p.k.shape[1]
+  several_blocks = q_len > bq or kv_len > bk
+  return (
+    p.backend in ROWS_IN_TURN and batch > 1 and several_blocks and p.vis.differs_by_row
+  )

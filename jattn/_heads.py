@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jattn._visibility import Visibility
 
@@ -26,13 +27,27 @@ def _split_heads(x, batch: int, num_kv: int, groups: int):
   return x.reshape(x.shape[:-3] + (num_kv, groups) + x.shape[-2:]), batch_axis, 0
 
 
-def map_heads(head_fn, q, k, v, bias, vis: Visibility, seed, *, out_axis, per_head=()):
+def map_heads(
+  head_fn,
+  q,
+  k,
+  v,
+  bias,
+  vis: Visibility,
+  seed,
+  *,
+  out_axis,
+  per_head=(),
+  rows_in_turn=False,
+):
   """Apply ``head_fn(q, k, v, bias, vis, seed, *extra)`` to every head.
 
   q [B, T, H, D], k [B, S, K, D], v [B, S, K, V]; bias [B|1, H|1, T, S] or
   None; ``vis`` batched as its docstring says; seed [B, H] or None; each of
   ``per_head`` is a pytree of [B, K, G, ...]. The head's results gain axes
-  (K, G) at ``out_axis``; the batch axis is prepended.
+  (K, G) at ``out_axis``; the batch axis is prepended. ``rows_in_turn``: the
+  rows of the batch run one after another (``lax.map``) instead of as one
+  vmap, so loops whose bounds differ by row run each row's own bounds.
   """
   batch, _, num_heads, _ = q.shape
   num_kv = k.shape[2]
@@ -75,7 +90,17 @@ def map_heads(head_fn, q, k, v, bias, vis: Visibility, seed, *, out_axis, per_he
     in_axes=(0, 0, 0, bias_h, axes(False), 0, 0),
     out_axes=out_axis,
   )
-  over_batch = jax.vmap(
-    over_kv, in_axes=(0, 0, 0, bias_b, axes(True), 0, 0), out_axes=0
-  )
-  return over_batch(q, k, v, bias, vis, seed, tuple(per_head))
+  in_axes = (0, 0, 0, bias_b, axes(True), 0, 0)
+  args = (q, k, v, bias, vis, seed, tuple(per_head))
+  if not rows_in_turn:
+    return jax.vmap(over_kv, in_axes=in_axes, out_axes=0)(*args)
+  return lax.map(lambda b: over_kv(*_row(in_axes, args, b)), jnp.arange(batch))
+
+
+def _row(in_axes, args, index):
+  """Row ``index`` of the arguments that ``in_axes`` batches (on axis 0)."""
+
+  def take(axis, x):
+    return x if axis is None else jax.tree.map(lambda leaf: leaf[index], x)
+
+  return jax.tree.map(take, in_axes, args, is_leaf=lambda axis: axis is None)

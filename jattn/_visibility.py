@@ -122,6 +122,19 @@ class Visibility:
     }
 
   @property
+  def differs_by_row(self) -> bool:
+    """Whether the rows of the batch may see different blocks: a rule's
+    array holds a value per sequence (the batch index itself changes
+    nothing), or the mask has a batch axis."""
+    per_row = [
+      name
+      for name, kind in ARRAYS.items()
+      if kind in ('sequence', 'rows', 'cols') and name != 'batch_index'
+    ]
+    by_array = any(getattr(self, name) is not None for name in per_row)
+    return by_array or (self.mask is not None and self.mask.shape[0] > 1)
+
+  @property
   def _q_first(self):
     """Row of the sequence that local row 0 is."""
     return 0 if self.q_start is None else self.q_start

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import testing
+from jattn import _flash, _prepare, testing
 from tests import helpers
 
 B, T, S, H = 2, 37, 45, 4  # odd lengths: not multiples of any block size
@@ -198,3 +198,38 @@ def test_no_t_by_s_buffer():
     return testing.temp_bytes(testing.compiled_gradient(fn, q, k, v))
 
   assert temp_bytes('flash') < t * t * 4 / 4
+
+
+ROW_LAYOUTS = {
+  'is_causal': True,
+  'q_segment_ids': jnp.array(np.sort(np.random.default_rng(0).integers(0, 4, (B, T)))),
+  'kv_segment_ids': jnp.array(np.sort(np.random.default_rng(1).integers(0, 4, (B, S)))),
+  'q_offsets': jnp.array([8, 0]),
+  'key_value_seq_lengths': jnp.array([45, 21]),
+}
+
+
+@pytest.mark.parametrize('in_turn', [('cpu',), ()], ids=['in turn', 'together'])
+def test_rows_with_different_layouts(in_turn, monkeypatch):
+  """Rows run one after another (each visits its own blocks) and as one
+  vmap (the loops run the batch's longest lists) give the reference."""
+  monkeypatch.setattr(_flash, 'ROWS_IN_TURN', in_turn)
+  jax.clear_caches()  # compiled calls read ROWS_IN_TURN when traced
+  check(ROW_LAYOUTS)
+
+
+def test_when_rows_run_in_turn():
+  def decide(backend='cpu', batch=(2,), q_len=T, mask=None, **options):
+    q, k, v = helpers.qkv(0, batch=batch, q_len=q_len, kv_len=q_len)
+    arrays, opts = _prepare.split_arguments(options, strict=True)
+    p = _prepare.prepare(q, k, v, None, mask, arrays, None, opts)
+    return _flash.rows_in_turn(p._replace(backend=backend), (8, 8))
+
+  offsets = dict(q_offsets=jnp.array([0, 3]))
+  assert decide(**offsets)
+  assert decide(mask=helpers.random_mask(0, (2, 1, T, T)))
+  assert not decide(is_causal=True)  # every row alike
+  assert not decide(mask=helpers.random_mask(0, (1, 1, T, T)))
+  assert not decide(batch=(1,), q_offsets=jnp.array([3]))
+  assert not decide(q_len=8, **offsets)  # one block: nothing to choose
+  assert not decide(backend='gpu', **offsets)
