@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn import _numerics
-from jattn._heads import map_heads
+from jattn._heads import grouped_sinks, map_heads
 from jattn._prepare import Prepared
 from jattn._visibility import Visibility, logits_block, pad_axis, pad_logits
 
@@ -88,11 +88,12 @@ def _keep(opts, seed, vis: Visibility, r0, c0, bq: int, bk: int):
   return _numerics.dropout_keep(seed, rows, cols, opts.dropout_rate)
 
 
-def head_forward(opts, blocks, q, k, v, bias, vis: Visibility, seed):
+def head_forward(opts, blocks, q, k, v, bias, vis: Visibility, seed, sink=None):
   """``q [T, D], k [S, D], v [S, V] -> (out [T, V], (m [T], total [T]))``.
 
-  ``(m, total)`` are the rows' softmax statistics (``_numerics``); a row that
-  sees no key has ``total = 0`` and a zero output.
+  ``(m, total)`` are the rows' softmax statistics (``_numerics``), the
+  attention ``sink`` (a scalar logit, or None) included; a row that sees no
+  key has a zero output.
   """
   geo = _Blocks(*blocks, q.shape[0], k.shape[0])
   bq, bk = blocks
@@ -119,7 +120,10 @@ def head_forward(opts, blocks, q, k, v, bias, vis: Visibility, seed):
       pv = _numerics.matmul('ts,sv->tv', p.astype(v.dtype), v_j)
       return m, total, acc * correction[:, None] + pv
 
-    init = (*_numerics.initial_stats(bq), jnp.zeros((bq, v.shape[-1]), jnp.float32))
+    init = (
+      *_numerics.initial_stats(bq, sink),
+      jnp.zeros((bq, v.shape[-1]), jnp.float32),
+    )
     m, total, acc = _visit(*visits, step, init)
     return _numerics.normalize(acc, total).astype(q.dtype), (m, total)
 
@@ -245,23 +249,42 @@ def _reduce_bias_grad(dbias, bias):
   return dbias.astype(bias.dtype)
 
 
+def sinks_grad(sinks, stats, out, d_out):
+  """d loss / d sinks ``[H]`` from the per-head ``stats`` ``[B, K, G, T]``,
+  ``out`` and ``d_out`` ``[B, K, G, T, V]``; None without sinks."""
+  if sinks is None:
+    return None
+  grouped = sinks.reshape(stats[0].shape[1], -1)[None, :, :, None]
+  rows = _numerics.sink_grad(grouped, *stats, out, d_out)
+  return rows.sum(axis=(0, 3)).reshape(sinks.shape)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _flash(opts, blocks, in_turn, q, k, v, bias, vis, seed):
-  return _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed)[0]
+def _flash(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks):
+  return _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks)[0]
 
 
-def _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed):
+def _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks):
   head = functools.partial(head_forward, opts, blocks)
   out, stats = map_heads(
-    head, q, k, v, bias, vis, seed, out_axis=0, rows_in_turn=in_turn
+    head,
+    q,
+    k,
+    v,
+    bias,
+    vis,
+    seed,
+    out_axis=0,
+    per_head=grouped_sinks(sinks, q.shape[0], k.shape[2]),
+    rows_in_turn=in_turn,
   )
   lse = heads_last(_numerics.log_sum_exp(*stats)[..., None])[..., 0]
-  return (heads_last(out), lse), (q, k, v, bias, vis, seed, out, stats)
+  return (heads_last(out), lse), (q, k, v, bias, vis, seed, sinks, out, stats)
 
 
 def _flash_backward(opts, blocks, in_turn, residuals, cotangents):
   d_out, _ = cotangents  # the log-sum-exp is returned without a gradient
-  q, k, v, bias, vis, seed, out, stats = residuals
+  q, k, v, bias, vis, seed, sinks, out, stats = residuals
   head = functools.partial(head_backward, opts, blocks)
   per_head = (out, stats, heads_grouped(d_out, k.shape[2]))
   dq, dk, dv, dbias = map_heads(
@@ -286,6 +309,7 @@ def _flash_backward(opts, blocks, in_turn, residuals, cotangents):
     dbias,
     None,
     None,
+    sinks_grad(sinks, stats, out, per_head[2]),
   )
 
 
@@ -307,7 +331,9 @@ class Flash:
       q = q * jnp.float32(opts.scale)
       opts = dataclasses.replace(opts, scale=1.0)
     in_turn = rows_in_turn(p, blocks)
-    out, lse = _flash(opts, blocks, in_turn, q, p.k, p.v, p.bias, p.vis, p.seed)
+    out, lse = _flash(
+      opts, blocks, in_turn, q, p.k, p.v, p.bias, p.vis, p.seed, p.sinks
+    )
     return out, lax.stop_gradient(lse)
 
 

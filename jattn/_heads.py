@@ -104,3 +104,11 @@ def _row(in_axes, args, index):
     return x if axis is None else jax.tree.map(lambda leaf: leaf[index], x)
 
   return jax.tree.map(take, in_axes, args, is_leaf=lambda axis: axis is None)
+
+
+def grouped_sinks(sinks, batch: int, num_kv: int):
+  """``[H]`` -> ``([B, K, G],)``, ``map_heads``' per-head extra; None -> ``()``."""
+  if sinks is None:
+    return ()
+  grouped = sinks.reshape(num_kv, -1)
+  return (jnp.broadcast_to(grouped, (batch,) + grouped.shape),)

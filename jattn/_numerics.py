@@ -60,6 +60,14 @@ def finite_or_zero(m):
   return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
+def with_sink(logits, sink):
+  """``[t, s]`` logits and the sink's column ``[t, s + 1]`` (None: as they are)."""
+  if sink is None:
+    return logits
+  column = jnp.broadcast_to(sink.astype(jnp.float32), logits.shape[:-1] + (1,))
+  return jnp.concatenate([logits, column], axis=-1)
+
+
 def softmax(logits, visible=None):
   """float32 softmax over the last axis; rows with nothing visible -> zeros.
 
@@ -73,12 +81,25 @@ def softmax(logits, visible=None):
   return unnormalized / jnp.where(total > 0, total, 1.0)
 
 
-def initial_stats(rows: int):
-  """``(m, total)`` of ``rows`` rows that have seen nothing yet."""
-  return (
-    jnp.full((rows,), -jnp.inf, jnp.float32),
-    jnp.zeros((rows,), jnp.float32),
-  )
+def initial_stats(rows, sink=None):
+  """``(m, total)`` of rows (a count or a shape) that have seen nothing yet,
+  or only the attention sink: a key with logit ``sink`` (broadcast to the
+  rows) and a zero value (a ``-inf`` sink is none)."""
+  if sink is None:
+    sink = jnp.float32(-jnp.inf)
+  shape = (rows,) if isinstance(rows, int) else tuple(rows)
+  m = jnp.broadcast_to(sink.astype(jnp.float32), shape)
+  return m, jnp.where(m > -jnp.inf, 1.0, 0.0).astype(jnp.float32)
+
+
+def sink_grad(sink, m, total, out, d_out):
+  """Each row's share of d loss / d sink: ``-weight · (d_out · out)``, where
+  ``weight = exp(sink - lse)`` is the sink's softmax weight, from the rows'
+  final statistics (sink included). Broadcasts: ``sink`` against ``m``,
+  ``total`` ``[..., t]``; ``out``, ``d_out`` ``[..., t, V]``."""
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  weight = jnp.where(total > 0, jnp.exp(sink - finite_or_zero(m)), 0.0)
+  return -weight * delta / jnp.where(total > 0, total, 1.0)
 
 
 def online_update(m, total, logits):

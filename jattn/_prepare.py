@@ -39,7 +39,8 @@ class Prepared(NamedTuple):
   [B|1, H|1, T|1, S|1] or None; vis: who may attend (its arrays batched);
   seed [B, H] uint32 for dropout or None; opts with its scale resolved;
   batch_shape is the caller's B...; empty when B, T or S is zero; backend:
-  the platform the call compiles for ('cpu', 'gpu', 'tpu').
+  the platform the call compiles for ('cpu', 'gpu', 'tpu'); sinks [H]
+  float32 attention-sink logits or None.
   """
 
   q: jnp.ndarray
@@ -52,6 +53,7 @@ class Prepared(NamedTuple):
   batch_shape: tuple[int, ...]
   empty: bool = False
   backend: str = 'cpu'
+  sinks: jnp.ndarray | None = None
 
 
 def split_arguments(
@@ -115,7 +117,15 @@ def _check_positive_dims(query, key, value) -> None:
 
 
 def prepare(
-  query, key, value, bias, mask, arrays: SequenceArrays, dropout_rng, opts: Options
+  query,
+  key,
+  value,
+  bias,
+  mask,
+  arrays: SequenceArrays,
+  dropout_rng,
+  opts: Options,
+  sinks=None,
 ) -> Prepared:
   """Check every argument against the others; flatten batch dims."""
   _checks.check_array(query, 'query', min_rank=3, layout='[B..., T, H, D]')
@@ -222,6 +232,10 @@ def prepare(
     head_index=jnp.arange(heads, dtype=jnp.int32),
   )
   empty = batch == 0 or q_len == 0 or kv_len == 0
-  return Prepared(
-    q, k, v, bias, vis, seed, opts, batch_shape, empty, jax.default_backend()
-  )
+  if sinks is not None:
+    _checks.check_array(sinks, 'sinks', min_rank=1, layout='[H]')
+    _checks.check_floating(sinks, 'sinks')
+    _checks.check_shape(sinks, 'sinks', (heads,), '[H] (one logit per query head)')
+    sinks = sinks.astype(jnp.float32)
+  backend = jax.default_backend()
+  return Prepared(q, k, v, bias, vis, seed, opts, batch_shape, empty, backend, sinks)

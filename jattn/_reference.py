@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn import _numerics
-from jattn._heads import map_heads
+from jattn._heads import grouped_sinks, map_heads
 from jattn._prepare import Prepared
 
 
@@ -29,21 +29,29 @@ def _dropout(opts, vis, seed, weights):
   return _numerics.dropout(weights, keep, opts.dropout_rate)
 
 
-def head_weights(opts, q, k, bias, vis, seed):
+def _softmax(logits, sink):
+  """Weights ``[T, S]``; a sink joins each row's denominator, then leaves."""
+  weights = _numerics.softmax(_numerics.with_sink(logits, sink))
+  return weights if sink is None else weights[:, :-1]
+
+
+def head_weights(opts, q, k, bias, vis, seed, sink=None):
   """``q [T, D], k [S, D] -> [T, S]`` float32 weights, dropout applied."""
-  weights = _numerics.softmax(_hidden_logits(opts, q, k, bias, vis))
+  weights = _softmax(_hidden_logits(opts, q, k, bias, vis), sink)
   return _dropout(opts, vis, seed, weights)
 
 
-def head_attention(opts, q, k, v, bias, vis, seed):
+def head_attention(opts, q, k, v, bias, vis, seed, sink=None):
   """``q [T, D], k [S, D], v [S, V] -> (out [T, V], lse [T])``.
 
   ``out`` has the query's dtype; the weighted sum is taken in float32 too:
   the reference is the most precise path, and the others are measured
-  against it. ``lse`` is the rows' float32 log-sum-exp (``-inf`` when empty).
+  against it. ``lse`` is the rows' float32 log-sum-exp, the sink included
+  (``-inf`` when empty).
   """
   logits = _hidden_logits(opts, q, k, bias, vis)
-  weights = _dropout(opts, vis, seed, _numerics.softmax(logits))
+  weights = _dropout(opts, vis, seed, _softmax(logits, sink))
+  logits = _numerics.with_sink(logits, sink)
   out = jnp.einsum('ts,sv->tv', weights, v.astype(jnp.float32))
   m = jnp.max(logits, axis=-1)
   total = _numerics.unnormalized(logits, m).sum(axis=-1)
@@ -52,8 +60,20 @@ def head_attention(opts, q, k, v, bias, vis, seed):
 
 def weights(p: Prepared):
   """``[B, H, T, S]`` float32 weights of every head."""
-  head = lambda q, k, v, bias, vis, seed: head_weights(p.opts, q, k, bias, vis, seed)
-  out = map_heads(head, p.q, p.k, p.k, p.bias, p.vis, p.seed, out_axis=0)
+  head = lambda q, k, v, bias, vis, seed, *sink: head_weights(
+    p.opts, q, k, bias, vis, seed, *sink
+  )
+  out = map_heads(
+    head,
+    p.q,
+    p.k,
+    p.k,
+    p.bias,
+    p.vis,
+    p.seed,
+    out_axis=0,
+    per_head=grouped_sinks(p.sinks, p.q.shape[0], p.k.shape[2]),
+  )
   return out.reshape(out.shape[:1] + (-1,) + out.shape[-2:])  # [B, K, G, ..]
 
 
@@ -67,7 +87,17 @@ class Reference:
 
   def __call__(self, p: Prepared):
     head = functools.partial(head_attention, p.opts)
-    out, lse = map_heads(head, p.q, p.k, p.v, p.bias, p.vis, p.seed, out_axis=1)
+    out, lse = map_heads(
+      head,
+      p.q,
+      p.k,
+      p.v,
+      p.bias,
+      p.vis,
+      p.seed,
+      out_axis=1,
+      per_head=grouped_sinks(p.sinks, p.q.shape[0], p.k.shape[2]),
+    )
     # [B, T, K, G, V] -> [B, T, H, V]; [B, T, K, G] -> [B, T, H]
     return out.reshape(out.shape[:2] + (-1, out.shape[-1])), lse.reshape(
       lse.shape[:2] + (-1,)

@@ -76,8 +76,9 @@ def _chunk(x, axis, index, size):
   return lax.slice_in_dim(x, index * size, (index + 1) * size, axis=axis)
 
 
-def _local_forward(opts, blocks, layout_args, q, k, v, vis, seed):
-  """One device: its queries against every key/value chunk on the ring."""
+def _local_forward(opts, blocks, layout_args, q, k, v, vis, seed, sinks):
+  """One device: its queries against every key/value chunk on the ring (the
+  sinks, if any, start each row's statistics)."""
   layout = _Layout(*layout_args)
   num_kv = k.shape[2]
   out_shape = q.shape[:1] + (num_kv, q.shape[2] // num_kv)
@@ -94,12 +95,10 @@ def _local_forward(opts, blocks, layout_args, q, k, v, vis, seed):
     return k, v, visiting, accs
 
   rows = out_shape + (layout.q_chunk,)
+  sink = None if sinks is None else sinks.reshape(1, num_kv, -1, 1)
+  stats = _numerics.initial_stats(rows, sink)
   init = [
-    (
-      jnp.zeros(rows + (v.shape[-1],), jnp.float32),
-      jnp.full(rows, -jnp.inf, jnp.float32),
-      jnp.zeros(rows, jnp.float32),
-    )
+    (jnp.zeros(rows + (v.shape[-1],), jnp.float32), *stats)
     for _ in range(layout.chunks)
   ]
   *_, accs = lax.fori_loop(0, layout.n, step, (k, v, vis.arrays_of('cols'), init))
@@ -150,24 +149,25 @@ def _local_backward(opts, blocks, layout_args, q, k, v, vis, seed, out, stats, d
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _local_ring(opts, blocks, layout_args, q, k, v, vis, seed):
-  return _local_ring_fwd(opts, blocks, layout_args, q, k, v, vis, seed)[0]
+def _local_ring(opts, blocks, layout_args, q, k, v, vis, seed, sinks):
+  return _local_ring_fwd(opts, blocks, layout_args, q, k, v, vis, seed, sinks)[0]
 
 
-def _local_ring_fwd(opts, blocks, layout_args, q, k, v, vis, seed):
-  out, stats = _local_forward(opts, blocks, layout_args, q, k, v, vis, seed)
+def _local_ring_fwd(opts, blocks, layout_args, q, k, v, vis, seed, sinks):
+  out, stats = _local_forward(opts, blocks, layout_args, q, k, v, vis, seed, sinks)
   lse = _flash.heads_last(_numerics.log_sum_exp(*stats)[..., None])[..., 0]
-  return (_flash.heads_last(out), lse), (q, k, v, vis, seed, out, stats)
+  return (_flash.heads_last(out), lse), (q, k, v, vis, seed, sinks, out, stats)
 
 
 def _local_ring_bwd(opts, blocks, layout_args, residuals, cotangents):
   d_out, _ = cotangents  # the log-sum-exp is returned without a gradient
-  q, k, v, vis, seed, out, stats = residuals
+  q, k, v, vis, seed, sinks, out, stats = residuals
   d_out = _flash.heads_grouped(d_out, k.shape[2])
   grads = _local_backward(
     opts, blocks, layout_args, q, k, v, vis, seed, out, stats, d_out
   )
-  return (*grads, None, None)
+  # this device's rows' share; shard_map sums the shares of replicated sinks
+  return (*grads, None, None, _flash.sinks_grad(sinks, stats, out, d_out))
 
 
 _local_ring.defvjp(_local_ring_fwd, _local_ring_bwd)
@@ -274,21 +274,28 @@ class Ring:
     moves = _zigzag_moves(n)
     back = [(dst, src) for src, dst in moves]
 
-    def local(q, k, v, vis, seed):
+    def local(q, k, v, vis, seed, sinks):
       if not zigzag:
-        return ring(q, k, v, vis, seed)
+        return ring(q, k, v, vis, seed, sinks)
       to_zigzag = lambda x: _move_halves(x, seq_axis, moves)
       q, k, v = to_zigzag(q), to_zigzag(k), to_zigzag(v)
       vis = vis.map_arrays(rows=to_zigzag, cols=to_zigzag)
-      out, lse = ring(q, k, v, vis, seed)
+      out, lse = ring(q, k, v, vis, seed, sinks)
       from_zigzag = lambda x: _move_halves(x, seq_axis, back)
       return from_zigzag(out), from_zigzag(lse)
 
     out, lse = jax.shard_map(
       local,
       mesh=mesh,
-      in_specs=(spec_bthd, spec_bthd, spec_bthd, vis_specs, spec(p.seed, P(b, m))),
+      in_specs=(
+        spec_bthd,
+        spec_bthd,
+        spec_bthd,
+        vis_specs,
+        spec(p.seed, P(b, m)),
+        spec(p.sinks, P(m)),
+      ),
       out_specs=(spec_bthd, P(b, seq_axis, m)),
       check_vma=False,
-    )(q, k, v, vis, p.seed)
+    )(q, k, v, vis, p.seed, p.sinks)
     return out[:, :q_len], lax.stop_gradient(lse[:, :q_len])

@@ -105,6 +105,11 @@ class Xla:
         reasons.append(f'head dim D={head_dim} (cuDNN: a multiple of 8 up to 128)')
     unsupported = _unsupported(p.vis, _RULES) + _unsupported(p.opts, _OPTIONS)
     reasons += list(dict.fromkeys(unsupported))  # once each, in order
+    reasons += [
+      name
+      for name, default in Prepared._field_defaults.items()
+      if default is None and getattr(p, name) is not None
+    ]  # optional operands (sinks): none taught here
     if p.v.shape[-1] != p.k.shape[-1]:
       reasons.append(f'value head dim V={p.v.shape[-1]} != D={p.k.shape[-1]}')
     return reasons

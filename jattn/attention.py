@@ -40,6 +40,7 @@ def dot_product_attention(
   implementation: str | None = None,
   block_sizes: tuple[int, int] | None = None,
   return_residual: bool = False,
+  sinks=None,
 ):
   """Scaled dot-product attention, a drop-in for ``jax.nn.dot_product_attention``.
 
@@ -86,7 +87,11 @@ def dot_product_attention(
     block_sizes: flash's (query, key) block sizes; default by backend
       (512 x 256 on CPU), shrunk to short sequences.
     return_residual: also return the rows' log-sum-exp of the logits, as
-      ``jax.nn.dot_product_attention`` does.
+      ``jax.nn.dot_product_attention`` does (the sink's logit included).
+    sinks: float ``[H]``, one learnable logit per query head (attention
+      sinks, as in gpt-oss): each row's softmax denominator also holds
+      ``exp(sinks[h])``, a key with a zero value, so a row may give weight
+      to nothing. Differentiable. Rows with nothing visible stay zero.
 
   Returns:
     ``[B..., T, H, V]`` in the query's dtype. A query row with nothing to
@@ -95,12 +100,12 @@ def dot_product_attention(
     gradient (``-inf`` for rows with nothing to attend to).
   """
   arrays, opts = _prepare.split_arguments(locals())
-  return _attention_jit(query, key, value, bias, mask, arrays, dropout_rng, opts)
+  return _attention_jit(query, key, value, bias, mask, arrays, dropout_rng, opts, sinks)
 
 
 @functools.partial(jax.jit, static_argnames='opts')
-def _attention_jit(query, key, value, bias, mask, arrays, dropout_rng, opts):
-  p = _prepare.prepare(query, key, value, bias, mask, arrays, dropout_rng, opts)
+def _attention_jit(query, key, value, bias, mask, arrays, dropout_rng, opts, sinks):
+  p = _prepare.prepare(query, key, value, bias, mask, arrays, dropout_rng, opts, sinks)
   return run(p, _registry.select)
 
 
@@ -125,18 +130,23 @@ def attention_weights(query, key, bias=None, mask=None, **options):
   """The normalised weights ``[B..., H, T, S]`` (float32) for the same arguments.
 
   ``options`` are ``dot_product_attention``'s keywords (``is_causal``,
-  lengths, segment ids, window, chunk, prefix, scale, soft-cap, dropout);
+  lengths, segment ids, window, chunk, prefix, scale, soft-cap, dropout,
+  sinks: with sinks a row's weights sum to less than one);
   ``dot_product_attention(...) == einsum(weights, value)`` up to rounding,
   and rows with nothing to attend to are zero. Materialises ``[T, S]``: use
   it to inspect and plot, not inside a model.
   """
+  options = dict(options)
+  sinks = options.pop('sinks', None)
   arrays, opts = _prepare.split_arguments(options, strict=True)
-  return _weights_jit(query, key, bias, mask, arrays, options.get('dropout_rng'), opts)
+  return _weights_jit(
+    query, key, bias, mask, arrays, options.get('dropout_rng'), opts, sinks
+  )
 
 
 @functools.partial(jax.jit, static_argnames='opts')
-def _weights_jit(query, key, bias, mask, arrays, dropout_rng, opts):
-  p = _prepare.prepare(query, key, None, bias, mask, arrays, dropout_rng, opts)
+def _weights_jit(query, key, bias, mask, arrays, dropout_rng, opts, sinks):
+  p = _prepare.prepare(query, key, None, bias, mask, arrays, dropout_rng, opts, sinks)
   if p.empty:
     return jnp.zeros(p.batch_shape + (query.shape[-2], query.shape[-3], key.shape[-3]))
   weights = _reference.weights(p)  # [B, H, T, S]

@@ -171,6 +171,7 @@ def ring_attention(
   implementation: str | None = None,
   block_sizes: tuple[int, int] | None = None,
   return_residual: bool = False,
+  sinks=None,
 ):
   """Sequence-parallel attention: T and S sharded over ``mesh[seq_axis]``.
 
@@ -194,13 +195,15 @@ def ring_attention(
   if not isinstance(mesh, Mesh):
     raise TypeError(f'`mesh` must be a jax.sharding.Mesh; got {type(mesh).__name__}.')
   return _ring_jit(
-    query, key, value, bias, mask, arrays, dropout_rng, opts, mesh, seq_axis
+    query, key, value, bias, mask, arrays, dropout_rng, opts, sinks, mesh, seq_axis
   )
 
 
 @functools.partial(jax.jit, static_argnames=('opts', 'mesh', 'seq_axis'))
-def _ring_jit(query, key, value, bias, mask, arrays, dropout_rng, opts, mesh, seq_axis):
-  p = _prepare.prepare(query, key, value, bias, mask, arrays, dropout_rng, opts)
+def _ring_jit(
+  query, key, value, bias, mask, arrays, dropout_rng, opts, sinks, mesh, seq_axis
+):
+  p = _prepare.prepare(query, key, value, bias, mask, arrays, dropout_rng, opts, sinks)
   ring = _ring.Ring(mesh, seq_axis=seq_axis, data_axis=DATA, model_axis=MODEL)
   reasons = ring.supports(p)
   if reasons:
