@@ -63,18 +63,16 @@ def weights(p: Prepared):
   head = lambda q, k, v, bias, vis, seed, *sink: head_weights(
     p.opts, q, k, bias, vis, seed, *sink
   )
-  out = map_heads(
-    head,
-    p.q,
-    p.k,
-    p.k,
-    p.bias,
-    p.vis,
-    p.seed,
-    out_axis=0,
-    per_head=grouped_sinks(p.sinks, p.q.shape[0], p.k.shape[2]),
-  )
+  out = _each_head(p, head, p.k, out_axis=0)
   return out.reshape(out.shape[:1] + (-1,) + out.shape[-2:])  # [B, K, G, ..]
+
+
+def _each_head(p: Prepared, head, value, *, out_axis):
+  """``head`` over every head of ``p`` (its sink, if any, as the last argument)."""
+  sinks = grouped_sinks(p.sinks, p.q.shape[0], p.k.shape[2])
+  return map_heads(
+    head, p.q, p.k, value, p.bias, p.vis, p.seed, out_axis=out_axis, per_head=sinks
+  )
 
 
 class Reference:
@@ -87,17 +85,7 @@ class Reference:
 
   def __call__(self, p: Prepared):
     head = functools.partial(head_attention, p.opts)
-    out, lse = map_heads(
-      head,
-      p.q,
-      p.k,
-      p.v,
-      p.bias,
-      p.vis,
-      p.seed,
-      out_axis=1,
-      per_head=grouped_sinks(p.sinks, p.q.shape[0], p.k.shape[2]),
-    )
+    out, lse = _each_head(p, head, p.v, out_axis=1)
     # [B, T, K, G, V] -> [B, T, H, V]; [B, T, K, G] -> [B, T, H]
     return out.reshape(out.shape[:2] + (-1, out.shape[-1])), lse.reshape(
       lse.shape[:2] + (-1,)
