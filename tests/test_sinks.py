@@ -112,7 +112,8 @@ def test_flash_and_ring_match_the_reference(feature):
     return fn
 
   sinks = SINKS.at[3].set(-0.7)
-  for implementation in ('flash', 'ring'):
+  ring = ('ring',) if feature in ('causal', 'offsets') else ()  # suite time
+  for implementation in ('flash', *ring):
     testing.assert_functions_agree(
       attend('reference'), attend(implementation), q, k, v, sinks, argnums=(0, 1, 2, 3)
     )
