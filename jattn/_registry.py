@@ -20,16 +20,11 @@ KERNELS = {k.name: k for k in (Flash(), Reference(), Xla('xla'), Xla('cudnn'))}
 AUTO = {'gpu': ('cudnn', 'flash'), 'cpu': ('flash',), 'tpu': ('flash',)}
 
 
-def auto_order(backend: str) -> tuple[str, ...]:
-  """The kernels the automatic choice tries on ``backend``, in order."""
-  return AUTO.get(backend, ('flash',))
-
-
 def select(p: Prepared):
   """The kernel for ``p`` (``p.opts.implementation`` None: automatic)."""
   name = p.opts.implementation
   if name is None:
-    order = auto_order(p.backend)
+    order = AUTO.get(p.backend, ('flash',))
     return next(KERNELS[n] for n in order if not KERNELS[n].supports(p))
   reasons = KERNELS[name].supports(p)
   if reasons:
