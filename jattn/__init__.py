@@ -3,14 +3,18 @@
 Public API: ``dot_product_attention`` and ``attention_weights`` (the core),
 ``init_params``, ``multi_head_attention`` and
 ``multi_head_attention_weights`` (multi-head functions over a parameter
-pytree), the mask helpers, ``flax_attention_fn`` (an
-``attention_fn`` for Flax's modules); submodules ``jattn.nnx`` and
-``jattn.linen`` (Flax wrappers), ``jattn.sharding`` (meshes, specs, ring
-attention) and ``jattn.testing`` (equivalence helpers).
+pytree), the mask helpers, ``create_block_mask`` and ``BlockMask`` (the
+blocks a ``mask_mod`` skips), ``flax_attention_fn`` (an ``attention_fn`` for
+Flax's modules); submodules ``jattn.mods`` (ready mask and score functions:
+ALiBi, T5 buckets, documents), ``jattn.nnx`` and ``jattn.linen`` (Flax
+wrappers), ``jattn.sharding`` (meshes, specs, ring attention) and
+``jattn.testing`` (equivalence helpers).
 """
 
-from jattn import linen, nnx, sharding, testing
+from jattn import linen, mods, nnx, sharding, testing
+from jattn._mods import BlockMask
 from jattn.attention import attention_weights, dot_product_attention
+from jattn.block_mask import create_block_mask
 from jattn.flax_compat import flax_attention_fn
 from jattn.masks import (
   causal_mask,
@@ -29,14 +33,17 @@ from jattn.multihead import (
 __version__ = '0.1.0'
 
 __all__ = [
+  'BlockMask',
   'attention_weights',
   'causal_mask',
   'combine_masks',
+  'create_block_mask',
   'dot_product_attention',
   'flax_attention_fn',
   'init_params',
   'linen',
   'local_window_mask',
+  'mods',
   'multi_head_attention',
   'multi_head_attention_weights',
   'nnx',

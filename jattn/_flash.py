@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jattn import _numerics
+from jattn import _mods, _numerics
 from jattn._heads import grouped_sinks, map_heads
 from jattn._prepare import Prepared
 from jattn._visibility import Visibility, logits_block, pad_axis, pad_logits
@@ -88,12 +88,14 @@ def _keep(opts, seed, vis: Visibility, r0, c0, bq: int, bk: int):
   return _numerics.dropout_keep(seed, rows, cols, opts.dropout_rate)
 
 
-def head_forward(opts, blocks, q, k, v, bias, vis: Visibility, seed, sink=None):
+def head_forward(
+  opts, blocks, score_mod, q, k, v, bias, vis: Visibility, seed, sink=None
+):
   """``q [T, D], k [S, D], v [S, V] -> (out [T, V], (m [T], total [T]))``.
 
   ``(m, total)`` are the rows' softmax statistics (``_numerics``), the
   attention ``sink`` (a scalar logit, or None) included; a row that sees no
-  key has a zero output.
+  key has a zero output. ``score_mod``: a ``_mods.Mod`` or None.
   """
   geo = _Blocks(*blocks, q.shape[0], k.shape[0])
   bq, bk = blocks
@@ -111,6 +113,7 @@ def head_forward(opts, blocks, q, k, v, bias, vis: Visibility, seed, sink=None):
       k_j = lax.dynamic_slice_in_dim(k_t, c0, bk, axis=1).T
       v_j = lax.dynamic_slice_in_dim(v, c0, bk)
       s = _numerics.block_logits(opts, q_i, k_j, logits_block(bias, r0, c0, bq, bk))
+      s = _mods.score_block(score_mod, s, vis.mod_indices(r0, c0, bq, bk))
       if partial:
         s = _numerics.hide(s, vis.elements(r0, c0, bq, bk))
       m, total, p, correction = _numerics.online_update(m, total, s)
@@ -127,16 +130,17 @@ def head_forward(opts, blocks, q, k, v, bias, vis: Visibility, seed, sink=None):
     m, total, acc = _visit(*visits, step, init)
     return _numerics.normalize(acc, total).astype(q.dtype), (m, total)
 
-  plan = vis.block_mask(bq, bk, geo.nq, geo.nk)
+  plan = vis.block_plan(bq, bk, geo.nq, geo.nk)
   out, stats = lax.map(query_block, (jnp.arange(geo.nq), *plan.kv))
   out = out.reshape(-1, out.shape[-1])[: geo.q_len]
   return out, jax.tree.map(lambda x: x.reshape(-1)[: geo.q_len], stats)
 
 
 def head_backward(
-  opts, blocks, q, k, v, bias, vis: Visibility, seed, out, stats, d_out
+  opts, blocks, score_mod, q, k, v, bias, vis: Visibility, seed, out, stats, d_out
 ):
-  """Gradients ``(dq [T,D], dk [S,D], dv [S,V], dbias [T|1,S|1] or None)``.
+  """Gradients ``(dq [T,D], dk [S,D], dv [S,V], dbias [T|1,S|1] or None,
+  d score_mod params or None)``.
 
   ``out`` and ``stats = (m [T], total [T])`` are the final forward results for
   these rows (over all keys, when a ring splits the keys into chunks).
@@ -167,12 +171,14 @@ def head_backward(
     v_t_j = lax.dynamic_slice_in_dim(v_t, c0, bk, axis=1)
 
     def step(partial, i, inner):
-      dk_t_j, dv_t_j, dq, dbias = inner
+      dk_t_j, dv_t_j, dq, dbias, d_params = inner
       r0 = i * bq
       row = lambda x: lax.dynamic_slice_in_dim(x, r0, bq)
       capped = _numerics.capped_logits(opts, row(q), k_t_j.T)
       bias_ij = logits_block(bias, r0, c0, bq, bk)
       s = capped if bias_ij is None else capped + bias_ij.astype(jnp.float32)
+      indices = vis.mod_indices(r0, c0, bq, bk)
+      s, score_vjp = _mods.score_block_vjp(score_mod, s, indices)
       if partial:
         s = _numerics.hide(s, vis.elements(r0, c0, bq, bk))
       p = _numerics.unnormalized(s, row(m))  # weights x row sum
@@ -183,6 +189,11 @@ def head_backward(
       dp = _numerics.matmul('tv,vs->ts', row(d_out), v_t_j)
       dp = _numerics.dropout(dp, keep, opts.dropout_rate)
       ds = p * (dp - row(delta)[:, None])
+      ds, d_params_ij = score_vjp(ds)
+      if d_params is not None:
+        d_params = jax.tree.map(
+          lambda a, b: a + b.astype(a.dtype), d_params, d_params_ij
+        )
       if dbias is not None:
         dbias = _accumulate_bias_grad(dbias, ds, r0, c0)
       ds = (_numerics.soft_cap_grad(opts, ds, capped) * opts.scale).astype(q.dtype)
@@ -190,29 +201,35 @@ def head_backward(
       dq = lax.dynamic_update_slice_in_dim(dq, dq_i, r0, axis=0)
       q_t_i = lax.dynamic_slice_in_dim(q_t, r0, bq, axis=1)
       dk_t_j = dk_t_j + _numerics.matmul('dt,ts->ds', q_t_i, ds)
-      return dk_t_j, dv_t_j, dq, dbias
+      return dk_t_j, dv_t_j, dq, dbias, d_params
 
-    dq, dbias = carry
+    dq, dbias, d_params = carry
     init = (
       jnp.zeros((k.shape[-1], bk), jnp.float32),
       jnp.zeros((v.shape[-1], bk), jnp.float32),
       dq,
       dbias,
+      d_params,
     )
-    dk_t_j, dv_t_j, dq, dbias = _visit(*visits, step, init)
-    return (dq, dbias), (dk_t_j.T, dv_t_j.T)
+    dk_t_j, dv_t_j, dq, dbias, d_params = _visit(*visits, step, init)
+    return (dq, dbias, d_params), (dk_t_j.T, dv_t_j.T)
 
   dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
   dq0 = jnp.zeros((tp, q.shape[-1]), jnp.float32)
-  plan = vis.block_mask(bq, bk, geo.nq, geo.nk)
-  (dq, dbias), (dk, dv) = lax.scan(
-    key_block, (dq0, dbias0), (jnp.arange(geo.nk), *plan.q)
+  d_params0 = None
+  if score_mod is not None:
+    d_params0 = jax.tree.map(
+      lambda x: jnp.zeros(x.shape, jnp.float32), score_mod.params
+    )
+  plan = vis.block_plan(bq, bk, geo.nq, geo.nk)
+  (dq, dbias, d_params), (dk, dv) = lax.scan(
+    key_block, (dq0, dbias0, d_params0), (jnp.arange(geo.nk), *plan.q)
   )
   dk = dk.reshape(-1, dk.shape[-1])[: geo.kv_len]
   dv = dv.reshape(-1, dv.shape[-1])[: geo.kv_len]
   if dbias is not None:
     dbias = dbias[: bias_shape[0], : bias_shape[1]]
-  return dq[: geo.q_len], dk, dv, dbias
+  return dq[: geo.q_len], dk, dv, dbias, d_params
 
 
 def _accumulate_bias_grad(dbias, ds, r0, c0):
@@ -259,13 +276,26 @@ def sinks_grad(sinks, stats, out, d_out):
   return rows.sum(axis=(0, 3)).reshape(sinks.shape)
 
 
+def score_mod_grad(score_mod, d_params):
+  """The cotangent of ``score_mod`` from per-head ``d_params`` ``[B, K, G,
+  ...]`` (summed, in the params' dtypes); None without a mod."""
+  if score_mod is None:
+    return None
+  summed = [
+    d.sum(axis=(0, 1, 2)).astype(x.dtype)
+    for d, x in zip(d_params, score_mod.params, strict=True)
+  ]
+  return dataclasses.replace(score_mod, params=tuple(summed), fixed=None)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _flash(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks):
-  return _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks)[0]
+def _flash(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks, score_mod):
+  args = (q, k, v, bias, vis, seed, sinks, score_mod)
+  return _flash_forward(opts, blocks, in_turn, *args)[0]
 
 
-def _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks):
-  head = functools.partial(head_forward, opts, blocks)
+def _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks, score_mod):
+  head = functools.partial(head_forward, opts, blocks, score_mod)
   out, stats = map_heads(
     head,
     q,
@@ -279,15 +309,16 @@ def _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks):
     rows_in_turn=in_turn,
   )
   lse = heads_last(_numerics.log_sum_exp(*stats)[..., None])[..., 0]
-  return (heads_last(out), lse), (q, k, v, bias, vis, seed, sinks, out, stats)
+  residuals = (q, k, v, bias, vis, seed, sinks, score_mod, out, stats)
+  return (heads_last(out), lse), residuals
 
 
 def _flash_backward(opts, blocks, in_turn, residuals, cotangents):
   d_out, _ = cotangents  # the log-sum-exp is returned without a gradient
-  q, k, v, bias, vis, seed, sinks, out, stats = residuals
-  head = functools.partial(head_backward, opts, blocks)
+  q, k, v, bias, vis, seed, sinks, score_mod, out, stats = residuals
+  head = functools.partial(head_backward, opts, blocks, score_mod)
   per_head = (out, stats, heads_grouped(d_out, k.shape[2]))
-  dq, dk, dv, dbias = map_heads(
+  dq, dk, dv, dbias, d_params = map_heads(
     head,
     q,
     k,
@@ -310,6 +341,7 @@ def _flash_backward(opts, blocks, in_turn, residuals, cotangents):
     None,
     None,
     sinks_grad(sinks, stats, out, per_head[2]),
+    score_mod_grad(score_mod, d_params),
   )
 
 
@@ -332,7 +364,7 @@ class Flash:
       opts = dataclasses.replace(opts, scale=1.0)
     in_turn = rows_in_turn(p, blocks)
     out, lse = _flash(
-      opts, blocks, in_turn, q, p.k, p.v, p.bias, p.vis, p.seed, p.sinks
+      opts, blocks, in_turn, q, p.k, p.v, p.bias, p.vis, p.seed, p.sinks, p.score_mod
     )
     return out, lax.stop_gradient(lse)
 

@@ -57,8 +57,13 @@ def map_heads(
   q = jnp.moveaxis(q.reshape(q.shape[:2] + (num_kv, groups, q.shape[-1])), 1, 3)
   k, v = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)
   bias, bias_b, bias_h = _split_heads(bias, batch, num_kv, groups)
-  mask, mask_b, mask_h = _split_heads(vis.mask, batch, num_kv, groups)
-  vis = vis.replace(mask=mask).map_arrays(
+  # Arrays broadcast like the logits (a mask, block states): split per array.
+  split = {
+    name: _split_heads(x, batch, num_kv, groups)
+    for kind in ('logits', 'blocks')
+    for name, x in vis.arrays_of(kind).items()
+  }
+  vis = vis.replace(**{name: x for name, (x, _, _) in split.items()}).map_arrays(
     heads=lambda x: x.reshape((num_kv, groups) + x.shape[1:])
   )
   if seed is not None:
@@ -66,15 +71,18 @@ def map_heads(
 
   def axes(over_batch: bool):
     """``vis``'s in_axes by kind (``ARRAYS``): per-sequence arrays over the
-    batch, per-head ones over heads, the mask as split, a step's shared."""
+    batch, per-head ones over heads, logit-shaped ones as split, a step's
+    and shared ones not mapped."""
     along = lambda axis: lambda _: axis
     return vis.map_arrays(
       sequence=along(0 if over_batch else None),
       rows=along(0 if over_batch else None),
       cols=along(0 if over_batch else None),
       heads=along(None if over_batch else 0),
-      logits=along(mask_b if over_batch else mask_h),
       step=along(None),
+      shared=along(None),
+    ).replace(
+      **{name: axes[0 if over_batch else 1] for name, (_, *axes) in split.items()}
     )
 
   def one_head(q, k, v, bias, vis, seed, extra):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn import _checks
+from jattn._mods import BlockMask, Mod, join, split
 from jattn._options import Options, make_options
 from jattn._visibility import Visibility
 
@@ -54,6 +55,27 @@ class Prepared(NamedTuple):
   empty: bool = False
   backend: str = 'cpu'
   sinks: jnp.ndarray | None = None
+  score_mod: Mod | None = None
+
+
+class Mods(NamedTuple):
+  """The user functions of a call (``jattn._mods``), inside its jit."""
+
+  mask_mod: object = None
+  score_mod: object = None
+  block_mask: BlockMask | None = None
+
+
+def split_mods(mask_mod, score_mod):
+  """A call's user functions -> (their static parts, their array leaves), to
+  cross a jit boundary; ``join_mods`` is the inverse."""
+  parts = [split(mod) for mod in (mask_mod, score_mod)]
+  return tuple(s for s, _ in parts), tuple(leaves for _, leaves in parts)
+
+
+def join_mods(statics, leaves, block_mask) -> Mods:
+  mask_mod, score_mod = map(join, statics, leaves)
+  return Mods(mask_mod, score_mod, block_mask)
 
 
 def split_arguments(
@@ -126,6 +148,7 @@ def prepare(
   dropout_rng,
   opts: Options,
   sinks=None,
+  mods: Mods = Mods(),
 ) -> Prepared:
   """Check every argument against the others; flatten batch dims."""
   _checks.check_array(query, 'query', min_rank=3, layout='[B..., T, H, D]')
@@ -231,6 +254,15 @@ def prepare(
     batch_index=jnp.arange(batch, dtype=jnp.int32),
     head_index=jnp.arange(heads, dtype=jnp.int32),
   )
+  mask_mod, mod_blocks, opts = _block_mask(mods, opts, batch, heads, q_len, kv_len)
+  vis = vis.replace(
+    q_size=q_len,
+    mask_mod=None if mask_mod is None else Mod.trace(mask_mod, 'mask_mod'),
+    mod_blocks=mod_blocks,
+  )
+  score_mod = None
+  if mods.score_mod is not None:
+    score_mod = Mod.trace(mods.score_mod, 'score_mod')
   empty = batch == 0 or q_len == 0 or kv_len == 0
   if sinks is not None:
     _checks.check_array(sinks, 'sinks', min_rank=1, layout='[H]')
@@ -238,4 +270,45 @@ def prepare(
     _checks.check_shape(sinks, 'sinks', (heads,), '[H] (one logit per query head)')
     sinks = sinks.astype(jnp.float32)
   backend = jax.default_backend()
-  return Prepared(q, k, v, bias, vis, seed, opts, batch_shape, empty, backend, sinks)
+  return Prepared(
+    q, k, v, bias, vis, seed, opts, batch_shape, empty, backend, sinks, score_mod
+  )
+
+
+def _block_mask(mods: Mods, opts: Options, batch, heads, q_len, kv_len):
+  """``(mask_mod, states [B|1, H|1, nq, nk] or None, opts)``: the block
+  mask checked against the call; its block sizes become the call's."""
+  block_mask, mask_mod = mods.block_mask, mods.mask_mod
+  if block_mask is None:
+    return mask_mod, None, opts
+  if not isinstance(block_mask, BlockMask):
+    raise TypeError(
+      '`block_mask` must be a jattn.BlockMask (from jattn.create_block_mask); '
+      f'got {type(block_mask).__name__}.'
+    )
+  if mask_mod is not None and split(mask_mod)[0] != split(block_mask.mask_mod)[0]:
+    raise ValueError(
+      '`mask_mod` and `block_mask` were both given with different functions; '
+      'the block mask carries its own mask_mod: pass only `block_mask`.'
+    )
+  b, h, t, s = block_mask.shape
+  if (t, s) != (q_len, kv_len) or b not in (1, batch) or h not in (1, heads):
+    raise ValueError(
+      f'`block_mask` was built for (B, H, T, S) = {block_mask.shape}; this '
+      f'call has ({batch}, {heads}, {q_len}, {kv_len}) (B and H may be 1).'
+    )
+  bq, bk = block_mask.block_sizes
+  states_shape = (b, h, -(-t // bq), -(-s // bk))
+  if tuple(block_mask.states.shape) != states_shape:
+    raise ValueError(
+      f'`block_mask.states` must be [B|1, H|1, nq, nk] = {states_shape} for '
+      f'its shape and block sizes {block_mask.block_sizes}; got '
+      f'{tuple(block_mask.states.shape)}.'
+    )
+  if opts.block_sizes not in (None, block_mask.block_sizes):
+    raise ValueError(
+      f'`block_sizes`={opts.block_sizes} differ from those `block_mask` was '
+      f'built with, {block_mask.block_sizes}; leave `block_sizes` unset.'
+    )
+  opts = dataclasses.replace(opts, block_sizes=block_mask.block_sizes)
+  return block_mask.mask_mod, block_mask.states, opts

@@ -10,15 +10,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jattn import _numerics
+from jattn import _mods, _numerics
 from jattn._heads import grouped_sinks, map_heads
 from jattn._prepare import Prepared
 
 
-def _hidden_logits(opts, q, k, bias, vis):
-  """``[T, S]`` float32 logits, ``-inf`` where the key is hidden."""
+def _hidden_logits(opts, q, k, bias, vis, score_mod):
+  """``[T, S]`` float32 logits (the score_mod applied), ``-inf`` where the
+  key is hidden."""
+  rows, cols = q.shape[0], k.shape[0]
   logits = _numerics.block_logits(opts, q, k, bias)
-  return _numerics.hide(logits, vis.elements(0, 0, q.shape[0], k.shape[0]))
+  logits = _mods.score_block(score_mod, logits, vis.mod_indices(0, 0, rows, cols))
+  return _numerics.hide(logits, vis.elements(0, 0, rows, cols))
 
 
 def _dropout(opts, vis, seed, weights):
@@ -35,13 +38,13 @@ def _softmax(logits, sink):
   return weights if sink is None else weights[:, :-1]
 
 
-def head_weights(opts, q, k, bias, vis, seed, sink=None):
+def head_weights(opts, score_mod, q, k, bias, vis, seed, sink=None):
   """``q [T, D], k [S, D] -> [T, S]`` float32 weights, dropout applied."""
-  weights = _softmax(_hidden_logits(opts, q, k, bias, vis), sink)
+  weights = _softmax(_hidden_logits(opts, q, k, bias, vis, score_mod), sink)
   return _dropout(opts, vis, seed, weights)
 
 
-def head_attention(opts, q, k, v, bias, vis, seed, sink=None):
+def head_attention(opts, score_mod, q, k, v, bias, vis, seed, sink=None):
   """``q [T, D], k [S, D], v [S, V] -> (out [T, V], lse [T])``.
 
   ``out`` has the query's dtype; the weighted sum is taken in float32 too:
@@ -49,7 +52,7 @@ def head_attention(opts, q, k, v, bias, vis, seed, sink=None):
   against it. ``lse`` is the rows' float32 log-sum-exp, the sink included
   (``-inf`` when empty).
   """
-  logits = _hidden_logits(opts, q, k, bias, vis)
+  logits = _hidden_logits(opts, q, k, bias, vis, score_mod)
   weights = _dropout(opts, vis, seed, _softmax(logits, sink))
   logits = _numerics.with_sink(logits, sink)
   out = jnp.einsum('ts,sv->tv', weights, v.astype(jnp.float32))
@@ -61,7 +64,7 @@ def head_attention(opts, q, k, v, bias, vis, seed, sink=None):
 def weights(p: Prepared):
   """``[B, H, T, S]`` float32 weights of every head."""
   head = lambda q, k, v, bias, vis, seed, *sink: head_weights(
-    p.opts, q, k, bias, vis, seed, *sink
+    p.opts, p.score_mod, q, k, bias, vis, seed, *sink
   )
   out = _each_head(p, head, p.k, out_axis=0)
   return out.reshape(out.shape[:1] + (-1,) + out.shape[-2:])  # [B, K, G, ..]
@@ -84,7 +87,7 @@ class Reference:
     return []
 
   def __call__(self, p: Prepared):
-    head = functools.partial(head_attention, p.opts)
+    head = functools.partial(head_attention, p.opts, p.score_mod)
     out, lse = _each_head(p, head, p.v, out_axis=1)
     # [B, T, K, G, V] -> [B, T, H, V]; [B, T, K, G] -> [B, T, H]
     return out.reshape(out.shape[:2] + (-1, out.shape[-1])), lse.reshape(

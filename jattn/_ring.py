@@ -76,7 +76,7 @@ def _chunk(x, axis, index, size):
   return lax.slice_in_dim(x, index * size, (index + 1) * size, axis=axis)
 
 
-def _local_forward(opts, blocks, layout_args, q, k, v, vis, seed, sinks):
+def _local_forward(opts, blocks, layout_args, q, k, v, vis, seed, sinks, score_mod):
   """One device: its queries against every key/value chunk on the ring (the
   sinks, if any, start each row's statistics)."""
   layout = _Layout(*layout_args)
@@ -87,7 +87,7 @@ def _local_forward(opts, blocks, layout_args, q, k, v, vis, seed, sinks):
     k, v, visiting, accs = carry
     accs = list(accs)
     for a, q_off, b, kv_off in layout.pairs((layout.index - s) % layout.n):
-      head = functools.partial(_flash.head_forward, opts, blocks)
+      head = functools.partial(_flash.head_forward, opts, blocks, score_mod)
       args = layout.pair(q, k, v, vis, visiting, a, q_off, b, kv_off)
       out, (m, total) = map_heads(head, *args, seed, out_axis=0)
       accs[a] = _numerics.merge(accs[a], (out, m, total))
@@ -107,17 +107,20 @@ def _local_forward(opts, blocks, layout_args, q, k, v, vis, seed, sinks):
   return out.astype(q.dtype), (m, total)
 
 
-def _local_backward(opts, blocks, layout_args, q, k, v, vis, seed, out, stats, d_out):
-  """One device: dq locally; dk, dv travel the ring with their chunk."""
+def _local_backward(
+  opts, blocks, layout_args, q, k, v, vis, seed, score_mod, out, stats, d_out
+):
+  """One device: dq (and the score_mod's d params) locally; dk, dv travel the
+  ring with their chunk."""
   layout = _Layout(*layout_args)
   q_part = lambda x, a: jax.tree.map(lambda x: _chunk(x, 3, a, layout.q_chunk), x)
 
   def step(s, carry):
-    k, v, visiting, dk, dv, dq = carry
+    k, v, visiting, dk, dv, dq, d_params = carry
     dq, dk, dv = list(dq), list(dk), list(dv)
     for a, q_off, b, kv_off in layout.pairs((layout.index - s) % layout.n):
-      head = functools.partial(_flash.head_backward, opts, blocks)
-      dq_ab, dk_ab, dv_ab, _ = map_heads(
+      head = functools.partial(_flash.head_backward, opts, blocks, score_mod)
+      dq_ab, dk_ab, dv_ab, _, d_params_ab = map_heads(
         head,
         *layout.pair(q, k, v, vis, visiting, a, q_off, b, kv_off),
         seed,
@@ -127,8 +130,12 @@ def _local_backward(opts, blocks, layout_args, q, k, v, vis, seed, out, stats, d
       dq[a] = dq[a] + dq_ab
       dk[b] = dk[b] + dk_ab.sum(axis=2)
       dv[b] = dv[b] + dv_ab.sum(axis=2)
+      if d_params is not None:
+        d_params = jax.tree.map(
+          lambda a, b: a + b.sum(axis=(0, 1, 2)), d_params, d_params_ab
+        )
     k, v, visiting, dk, dv = layout.rotate((k, v, visiting, dk, dv))
-    return k, v, visiting, dk, dv, dq
+    return k, v, visiting, dk, dv, dq, d_params
 
   batch, num_kv = k.shape[0], k.shape[2]
   groups = q.shape[2] // num_kv
@@ -140,34 +147,45 @@ def _local_backward(opts, blocks, layout_args, q, k, v, vis, seed, out, stats, d
     zeros(batch, num_kv, layout.kv_chunk, k.shape[-1]),
     zeros(batch, num_kv, layout.kv_chunk, v.shape[-1]),
     zeros(batch, num_kv, groups, layout.q_chunk, q.shape[-1]),
+    None
+    if score_mod is None
+    else tuple(jnp.zeros(x.shape, jnp.float32) for x in score_mod.params),
   )
-  *_, dk, dv, dq = lax.fori_loop(0, layout.n, step, init)
+  *_, dk, dv, dq, d_params = lax.fori_loop(0, layout.n, step, init)
   dq = _flash.heads_last(jnp.concatenate(dq, axis=3))
   dk = jnp.moveaxis(jnp.concatenate(dk, axis=2), 1, 2)  # [B, K, S, D] -> [B, S, K, D]
   dv = jnp.moveaxis(jnp.concatenate(dv, axis=2), 1, 2)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  grads = dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return grads, d_params
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _local_ring(opts, blocks, layout_args, q, k, v, vis, seed, sinks):
-  return _local_ring_fwd(opts, blocks, layout_args, q, k, v, vis, seed, sinks)[0]
+def _local_ring(opts, blocks, layout_args, q, k, v, vis, seed, sinks, score_mod):
+  args = (q, k, v, vis, seed, sinks, score_mod)
+  return _local_ring_fwd(opts, blocks, layout_args, *args)[0]
 
 
-def _local_ring_fwd(opts, blocks, layout_args, q, k, v, vis, seed, sinks):
-  out, stats = _local_forward(opts, blocks, layout_args, q, k, v, vis, seed, sinks)
+def _local_ring_fwd(opts, blocks, layout_args, q, k, v, vis, seed, sinks, score_mod):
+  args = (q, k, v, vis, seed, sinks, score_mod)
+  out, stats = _local_forward(opts, blocks, layout_args, *args)
   lse = _flash.heads_last(_numerics.log_sum_exp(*stats)[..., None])[..., 0]
-  return (_flash.heads_last(out), lse), (q, k, v, vis, seed, sinks, out, stats)
+  return (_flash.heads_last(out), lse), (*args, out, stats)
 
 
 def _local_ring_bwd(opts, blocks, layout_args, residuals, cotangents):
   d_out, _ = cotangents  # the log-sum-exp is returned without a gradient
-  q, k, v, vis, seed, sinks, out, stats = residuals
+  q, k, v, vis, seed, sinks, score_mod, out, stats = residuals
   d_out = _flash.heads_grouped(d_out, k.shape[2])
-  grads = _local_backward(
-    opts, blocks, layout_args, q, k, v, vis, seed, out, stats, d_out
+  grads, d_params = _local_backward(
+    opts, blocks, layout_args, q, k, v, vis, seed, score_mod, out, stats, d_out
   )
-  # this device's rows' share; shard_map sums the shares of replicated sinks
-  return (*grads, None, None, _flash.sinks_grad(sinks, stats, out, d_out))
+  # This device's share of the replicated sinks' and score_mod's gradients:
+  # shard_map sums the shares.
+  d_sinks = _flash.sinks_grad(sinks, stats, out, d_out)
+  d_mod = None
+  if score_mod is not None:
+    d_mod = _flash.score_mod_grad(score_mod, [d[None, None, None] for d in d_params])
+  return (*grads, None, None, d_sinks, d_mod)
 
 
 _local_ring.defvjp(_local_ring_fwd, _local_ring_bwd)
@@ -209,6 +227,7 @@ def visibility_specs(vis, data, model, seq):
     heads=along(P(model)),
     rows=along(P(data, seq)),
     cols=along(P(data, seq)),
+    shared=along(P()),
   )
 
 
@@ -256,7 +275,9 @@ class Ring:
       pad_axis(p.k, 1, kv_size),
       pad_axis(p.v, 1, kv_size),
     )
-    vis = p.vis.map_arrays(
+    # A block mask's states are per block of the whole sequence: each ring
+    # step tests its mask_mod element by element instead.
+    vis = p.vis.replace(mod_blocks=None).map_arrays(
       rows=lambda x: pad_axis(x, 1, q_size), cols=lambda x: pad_axis(x, 1, kv_size)
     )
 
@@ -274,13 +295,13 @@ class Ring:
     moves = _zigzag_moves(n)
     back = [(dst, src) for src, dst in moves]
 
-    def local(q, k, v, vis, seed, sinks):
+    def local(q, k, v, vis, seed, sinks, score_mod):
       if not zigzag:
-        return ring(q, k, v, vis, seed, sinks)
+        return ring(q, k, v, vis, seed, sinks, score_mod)
       to_zigzag = lambda x: _move_halves(x, seq_axis, moves)
       q, k, v = to_zigzag(q), to_zigzag(k), to_zigzag(v)
       vis = vis.map_arrays(rows=to_zigzag, cols=to_zigzag)
-      out, lse = ring(q, k, v, vis, seed, sinks)
+      out, lse = ring(q, k, v, vis, seed, sinks, score_mod)
       from_zigzag = lambda x: _move_halves(x, seq_axis, back)
       return from_zigzag(out), from_zigzag(lse)
 
@@ -294,8 +315,9 @@ class Ring:
         vis_specs,
         spec(p.seed, P(b, m)),
         spec(p.sinks, P(m)),
+        spec(p.score_mod, P()),
       ),
       out_specs=(spec_bthd, P(b, seq_axis, m)),
       check_vma=False,
-    )(q, k, v, vis, p.seed, p.sinks)
+    )(q, k, v, vis, p.seed, p.sinks, p.score_mod)
     return out[:, :q_len], lax.stop_gradient(lse[:, :q_len])

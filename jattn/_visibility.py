@@ -14,16 +14,21 @@ likewise key column ``j`` is column ``c = kv_start + j`` at position
                       padding of a ring and of a kernel's blocks)
   segments            q_seg[r] == kv_seg[c]
   dense mask          mask[r, c]
+  mask_mod            mask_mod(b, h, p, p') (the user's function, ``_mods``)
 
 Each rule is said once. The *interval* rules (all but the last two) give,
 for a run of rows ``first..last``, the columns some row sees and the columns
 every row sees, both intervals; with ``first == last`` that is the row's
 exact visible interval, which is the element test. The *array* rules give an
 element test and per-block flags (segment ids by the blocks' min and max ids,
-correct for unsorted ids; a dense mask by its blocks' any and all).
-``block_mask`` classifies every (query block, key block) pair as hidden,
+correct for unsorted ids; a dense mask by its blocks' any and all; a
+``mask_mod`` by the states of its block mask, ``jattn.create_block_mask``,
+else every block it touches is partial). A mod is handed positions of real
+rows and columns only: padded ones are clamped to the last real one.
+``block_states`` classifies every (query block, key block) pair as hidden,
 partial (test each element) or full (no test) from both, for one row of the
-batch and one head: skipping follows each sequence's own layout.
+batch and one head (``block_plan``: the visit lists): skipping follows each
+sequence's own layout.
 
 Each array is declared once in ``ARRAYS`` with its axis kind; ``map_heads``,
 the kernels' padding and the ring's chunking and mesh specs follow the kinds.
@@ -51,8 +56,11 @@ _FAR = 2**29
 #   rows      [B, T]                 one per query row
 #   cols      [B, S]                 one per key column (travels with the keys)
 #   logits    [B|1, H|1, T|1, S|1]   broadcast like the logits
+#   blocks    [B|1, H|1, nq, nk]     per block of the logits (a block mask)
 #   step      scalar                 shared by the batch (a ring step's starts)
-# Inside ``map_heads`` each is one head's: a scalar, [T], [S] or [T|1, S|1].
+#   shared    any pytree             the same everywhere (a mod's arrays)
+# Inside ``map_heads`` each is one head's: a scalar, [T], [S], [T|1, S|1] or
+# [nq, nk].
 ARRAYS = {
   'q_len': 'sequence',
   'kv_len': 'sequence',
@@ -64,10 +72,12 @@ ARRAYS = {
   'q_seg': 'rows',
   'kv_seg': 'cols',
   'mask': 'logits',
+  'mod_blocks': 'blocks',
+  'mask_mod': 'shared',
   'q_start': 'step',
   'kv_start': 'step',
 }
-_META = ('is_causal', 'window', 'chunk_size', 'kv_size', 'kv_extent')
+_META = ('is_causal', 'window', 'chunk_size', 'q_size', 'kv_size', 'kv_extent')
 
 # Block states, ordered as the kernels visit them.
 PARTIAL, FULL, HIDDEN = 0, 1, 2
@@ -80,11 +90,14 @@ PARTIAL, FULL, HIDDEN = 0, 1, 2
 class Visibility:
   """Static rules and the arrays of ``ARRAYS`` (None: unset; offsets and
   starts then 0). ``batch_index``/``head_index`` are the global batch row
-  and query head (what a kernel may hand a user function)."""
+  and query head (what a kernel hands a mod); ``q_size``/``kv_size`` the
+  rows and columns of the whole sequence; ``mask_mod`` a ``_mods.Mod``,
+  ``mod_blocks`` the states of its block mask."""
 
   is_causal: bool = False
   window: tuple[int, int] | None = None
   chunk_size: int | None = None
+  q_size: int | None = None
   kv_size: int | None = None
   kv_extent: int | None = None
   q_len: jax.Array | None = None
@@ -97,6 +110,8 @@ class Visibility:
   q_seg: jax.Array | None = None
   kv_seg: jax.Array | None = None
   mask: jax.Array | None = None
+  mod_blocks: jax.Array | None = None
+  mask_mod: object = None
   q_start: jax.Array | None = None
   kv_start: jax.Array | None = None
 
@@ -132,7 +147,8 @@ class Visibility:
       if kind in ('sequence', 'rows', 'cols') and name != 'batch_index'
     ]
     by_array = any(getattr(self, name) is not None for name in per_row)
-    return by_array or (self.mask is not None and self.mask.shape[0] > 1)
+    by_logits = [self.mask, self.mod_blocks]
+    return by_array or any(x is not None and x.shape[0] > 1 for x in by_logits)
 
   @property
   def _q_first(self):
@@ -159,6 +175,18 @@ class Visibility:
       self._q_first + r0 + jnp.arange(rows),
       self._kv_first + c0 + jnp.arange(cols),
     )
+
+  def mod_indices(self, r0, c0, rows: int, cols: int):
+    """``(b, h, q_idx [rows], kv_idx [cols])`` a mod is handed for the block
+    at local ``(r0, c0)``: global positions, padded rows and columns clamped
+    to the last real one."""
+    q_idx, kv_idx = self.indices(r0, c0, rows, cols)
+    if self.q_size is not None:
+      q_idx = jnp.minimum(q_idx, self.q_size - 1)
+    if self.kv_size is not None:
+      kv_idx = jnp.minimum(kv_idx, self.kv_size - 1)
+    q_idx, kv_idx = q_idx + self._q_shift, kv_idx + self._kv_shift
+    return self.batch_index, self.head_index, q_idx, kv_idx
 
   def _intervals(self, first, last):
     """Columns of the sequence that rows ``first..last`` (scalars, or arrays
@@ -213,6 +241,8 @@ class Visibility:
       conditions.append(q_seg[:, None] == kv_seg[None, :])
     if self.mask is not None:
       conditions.append(logits_block(self.mask, r0, c0, rows, cols))
+    if self.mask_mod is not None:
+      conditions.append(self.mask_mod.on_block(*self.mod_indices(r0, c0, rows, cols)))
     return masks.combine_masks(*conditions)
 
   def rows_with_keys(self, q_size: int, kv_size: int):
@@ -252,11 +282,18 @@ class Visibility:
     ):
       if flags is not None:
         some, every = some & flags[0], every & flags[1]
+    if self.mask_mod is not None and self.mod_blocks is None:
+      every = jnp.zeros_like(every)  # no block mask: test every element
+    elif self.mask_mod is not None:
+      some, every = (
+        some & (self.mod_blocks != HIDDEN),
+        every & (self.mod_blocks == FULL),
+      )
     return jnp.where(some, jnp.where(every, FULL, PARTIAL), HIDDEN)
 
-  def block_mask(self, bq: int, bk: int, nq: int, nk: int) -> BlockMask:
+  def block_plan(self, bq: int, bk: int, nq: int, nk: int) -> BlockPlan:
     """The blocks to visit, both ways (``block_states``)."""
-    return BlockMask.from_states(self.block_states(bq, bk, nq, nk))
+    return BlockPlan.from_states(self.block_states(bq, bk, nq, nk))
 
 
 class Visits(NamedTuple):
@@ -275,7 +312,7 @@ class Visits(NamedTuple):
     return cls(order, count(PARTIAL), count(FULL))
 
 
-class BlockMask(NamedTuple):
+class BlockPlan(NamedTuple):
   """One head's block-sparse plan: ``kv`` (per query block, the key blocks,
   for the forward) and ``q`` (per key block, the query blocks, for the
   backward: the transpose)."""

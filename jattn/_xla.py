@@ -24,14 +24,16 @@ from jattn._prepare import Prepared
 # multiples of 8.
 _CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
-# What jax.nn.dot_product_attention expresses; kv_size (the real keys) is
-# the key length it is given; the batch and head indices change nothing.
+# What jax.nn.dot_product_attention expresses; q_size and kv_size (the real
+# rows and keys) are the lengths it is given; the batch and head indices
+# change nothing.
 _RULES = {
   'is_causal',
   'window',
   'q_len',
   'kv_len',
   'mask',
+  'q_size',
   'kv_size',
   'batch_index',
   'head_index',
@@ -57,6 +59,7 @@ _NAMES = {
   'kv_extent': 'padded keys',
   'soft_cap': 'logits_soft_cap',
   'dropout_rate': 'dropout',
+  'mod_blocks': 'block_mask',
 }
 
 

@@ -41,6 +41,9 @@ def dot_product_attention(
   block_sizes: tuple[int, int] | None = None,
   return_residual: bool = False,
   sinks=None,
+  mask_mod=None,
+  score_mod=None,
+  block_mask=None,
 ):
   """Scaled dot-product attention, a drop-in for ``jax.nn.dot_product_attention``.
 
@@ -92,6 +95,20 @@ def dot_product_attention(
       sinks, as in gpt-oss): each row's softmax denominator also holds
       ``exp(sinks[h])``, a key with a zero value, so a row may give weight
       to nothing. Differentiable. Rows with nothing visible stay zero.
+    mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True: may attend),
+      written for one element as in PyTorch's FlexAttention and ANDed with
+      every other mask: ``b`` the flat batch row, ``h`` the query head,
+      ``q_idx``/``kv_idx`` global positions (offsets included), all int32
+      scalars. It may close over arrays. Without a ``block_mask`` every block
+      it could touch is tested element by element (nothing is skipped for it).
+    score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score``: changes
+      each float32 logit after scale, soft-cap and bias, before the masks.
+      Gradients flow to the float arrays it closes over. A function is
+      static under jit (define it once); a ``jax.tree_util.Partial`` carries
+      its arrays as operands.
+    block_mask: a ``jattn.BlockMask`` from ``jattn.create_block_mask``: its
+      ``mask_mod``, and the blocks flash may skip or run without the test.
+      It fixes the block sizes.
 
   Returns:
     ``[B..., T, H, V]`` in the query's dtype. A query row with nothing to
@@ -100,12 +117,42 @@ def dot_product_attention(
     gradient (``-inf`` for rows with nothing to attend to).
   """
   arrays, opts = _prepare.split_arguments(locals())
-  return _attention_jit(query, key, value, bias, mask, arrays, dropout_rng, opts, sinks)
+  statics, leaves = _prepare.split_mods(mask_mod, score_mod)
+  return _attention_jit(
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    arrays,
+    dropout_rng,
+    opts,
+    sinks,
+    leaves,
+    block_mask,
+    statics,
+  )
 
 
-@functools.partial(jax.jit, static_argnames='opts')
-def _attention_jit(query, key, value, bias, mask, arrays, dropout_rng, opts, sinks):
-  p = _prepare.prepare(query, key, value, bias, mask, arrays, dropout_rng, opts, sinks)
+@functools.partial(jax.jit, static_argnames=('opts', 'statics'))
+def _attention_jit(
+  query,
+  key,
+  value,
+  bias,
+  mask,
+  arrays,
+  dropout_rng,
+  opts,
+  sinks,
+  leaves,
+  block_mask,
+  statics,
+):
+  mods = _prepare.join_mods(statics, leaves, block_mask)
+  p = _prepare.prepare(
+    query, key, value, bias, mask, arrays, dropout_rng, opts, sinks, mods
+  )
   return run(p, _registry.select)
 
 
@@ -131,22 +178,40 @@ def attention_weights(query, key, bias=None, mask=None, **options):
 
   ``options`` are ``dot_product_attention``'s keywords (``is_causal``,
   lengths, segment ids, window, chunk, prefix, scale, soft-cap, dropout,
-  sinks: with sinks a row's weights sum to less than one);
+  mask_mod, score_mod, block_mask, sinks: with sinks a row's weights sum to
+  less than one);
   ``dot_product_attention(...) == einsum(weights, value)`` up to rounding,
   and rows with nothing to attend to are zero. Materialises ``[T, S]``: use
   it to inspect and plot, not inside a model.
   """
   options = dict(options)
-  sinks = options.pop('sinks', None)
+  sinks, block_mask = options.pop('sinks', None), options.pop('block_mask', None)
+  mods = options.pop('mask_mod', None), options.pop('score_mod', None)
   arrays, opts = _prepare.split_arguments(options, strict=True)
+  statics, leaves = _prepare.split_mods(*mods)
   return _weights_jit(
-    query, key, bias, mask, arrays, options.get('dropout_rng'), opts, sinks
+    query,
+    key,
+    bias,
+    mask,
+    arrays,
+    options.get('dropout_rng'),
+    opts,
+    sinks,
+    leaves,
+    block_mask,
+    statics,
   )
 
 
-@functools.partial(jax.jit, static_argnames='opts')
-def _weights_jit(query, key, bias, mask, arrays, dropout_rng, opts, sinks):
-  p = _prepare.prepare(query, key, None, bias, mask, arrays, dropout_rng, opts, sinks)
+@functools.partial(jax.jit, static_argnames=('opts', 'statics'))
+def _weights_jit(
+  query, key, bias, mask, arrays, dropout_rng, opts, sinks, leaves, block_mask, statics
+):
+  mods = _prepare.join_mods(statics, leaves, block_mask)
+  p = _prepare.prepare(
+    query, key, None, bias, mask, arrays, dropout_rng, opts, sinks, mods
+  )
   if p.empty:
     return jnp.zeros(p.batch_shape + (query.shape[-2], query.shape[-3], key.shape[-3]))
   weights = _reference.weights(p)  # [B, H, T, S]

@@ -23,7 +23,8 @@ class MultiHeadAttention(nn.Module):
 
   Attributes: num_heads (H) and the rest of
   ``jattn.multihead.Hyperparameters`` (head_dim D, num_kv_heads K,
-  value_head_dim V, out_features F, use_bias, param_dtype, initialisers);
+  value_head_dim V, out_features F, use_bias, use_sinks (a learnable
+  ``'sinks'`` parameter [H]), param_dtype, initialisers);
   dtype (compute; default widest of inputs and parameters), dropout_rate,
   deterministic, implementation. Dropout draws from the ``'dropout'`` rng
   collection.
@@ -35,6 +36,7 @@ class MultiHeadAttention(nn.Module):
   value_head_dim: int | None = None
   out_features: int | None = None
   use_bias: bool = True
+  use_sinks: bool = False
   param_dtype: Any = jnp.float32
   kernel_init: Any = multihead.LECUN_NORMAL
   out_kernel_init: Any = None
@@ -71,9 +73,10 @@ class MultiHeadAttention(nn.Module):
       kv_features=kv_inputs.shape[-1],
       **{name: getattr(self, name) for name in HYPERPARAMETERS},
     )
+    names = multihead.PROJECTIONS + (('sinks',) if self.use_sinks else ())
     params = {
       name: self.param(name, functools.partial(shape.init_projection, name))
-      for name in multihead.PROJECTIONS
+      for name in names
     }
     deterministic = (
       nn.merge_param('deterministic', self.deterministic, deterministic)

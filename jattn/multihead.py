@@ -8,8 +8,12 @@ The pytree is a plain nested dict in the layout of
    'value': {'kernel': [E, K, V], 'bias': [K, V]},
    'out':   {'kernel': [H, V, F], 'bias': [F]}}
 
-Biases are absent when ``use_bias=False``. Head counts and dims are read from
-the shapes, so ``multi_head_attention`` needs no config object.
+Biases are absent when ``use_bias=False``. With ``use_sinks=True`` the
+pytree also holds ``'sinks': [H]``, one learnable attention-sink logit per
+query head (see ``jattn.dot_product_attention``): jattn's extension of the
+layout, which Flax's modules lack (drop the key to load the rest into them).
+Head counts and dims are read from the shapes, so ``multi_head_attention``
+needs no config object.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Hyperparameters:
   out_features: int | None = None  # F
   kv_features: int | None = None  # E_kv, of the key/value inputs
   use_bias: bool = True
+  use_sinks: bool = False  # a learnable sink logit per query head, 'sinks' [H]
   param_dtype: Any = jnp.float32
   kernel_init: Initializer = LECUN_NORMAL
   out_kernel_init: Initializer | None = None  # default kernel_init
@@ -61,6 +66,7 @@ class Hyperparameters:
     if self.kv_features is not None:
       as_int(self.kv_features, 'kv_features', minimum=1)
     as_bool(self.use_bias, 'use_bias')
+    as_bool(self.use_sinks, 'use_sinks')
     _checks.check_float_dtype(self.param_dtype, 'param_dtype')
     if self.head_dim is None and self.in_features % self.num_heads:
       raise ValueError(
@@ -88,10 +94,11 @@ class Hyperparameters:
       out_features=params['out']['kernel'].shape[-1],
       kv_features=kv_features,
       use_bias='bias' in params['query'],
+      use_sinks='sinks' in params,
       **initializers,
     )
 
-  def shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+  def shapes(self) -> dict:
     """The shape of every parameter (layout in the module docstring)."""
     e, h = self.in_features, self.num_heads
     d = self.head_dim or e // h
@@ -108,11 +115,15 @@ class Hyperparameters:
       shapes[name] = {'kernel': kernel}
       if self.use_bias:
         shapes[name]['bias'] = kernel[-1:] if name == 'out' else kernel[1:]
+    if self.use_sinks:
+      shapes['sinks'] = (h,)
     return shapes
 
-  def init_projection(self, name: str, rng) -> dict[str, jnp.ndarray]:
+  def init_projection(self, name: str, rng):
     """One projection's ``{'kernel', 'bias'}``; the fan-in is E (or H*V for
-    the out projection)."""
+    the out projection). ``'sinks'``: zeros ``[H]``."""
+    if name == 'sinks':  # zeros: each sink starts as one more zero logit
+      return jnp.zeros(self.shapes()['sinks'], self.param_dtype)
     shapes = self.shapes()[name]
     kernel_rng, bias_rng = jax.random.split(rng)
     kernel_shape = shapes['kernel']
@@ -133,15 +144,16 @@ class Hyperparameters:
     """A fresh parameter pytree."""
     _checks.check_prng_key(rng, 'rng')
     rngs = jax.random.split(rng, len(PROJECTIONS))
-    return {
+    params = {
       name: self.init_projection(name, r)
       for name, r in zip(PROJECTIONS, rngs, strict=True)
     }
+    if self.use_sinks:
+      params['sinks'] = self.init_projection('sinks', rng)
+    return params
 
 
-def param_shapes(
-  in_features: int, num_heads: int, **hyperparameters
-) -> dict[str, dict[str, tuple[int, ...]]]:
+def param_shapes(in_features: int, num_heads: int, **hyperparameters) -> dict:
   """The shape of every parameter; keywords as in ``Hyperparameters``."""
   return Hyperparameters(in_features, num_heads, **hyperparameters).shapes()
 
@@ -151,7 +163,7 @@ def init_params(
 ) -> dict[str, dict[str, jnp.ndarray]]:
   """A fresh parameter pytree (layout in the module docstring); keywords as
   in ``Hyperparameters`` (head_dim, num_kv_heads, value_head_dim,
-  out_features, kv_features, use_bias, param_dtype, kernel_init,
+  out_features, kv_features, use_bias, use_sinks, param_dtype, kernel_init,
   out_kernel_init, bias_init)."""
   return Hyperparameters(in_features, num_heads, **hyperparameters).init(rng)
 
@@ -169,11 +181,14 @@ _LAYOUTS = {
 
 
 def _check_params(params) -> None:
-  """The pytree has the four projections with consistent shapes."""
-  if not isinstance(params, dict) or set(params) != set(PROJECTIONS):
+  """The pytree has the four projections with consistent shapes (and
+  optional sinks)."""
+  keys = set(params) - {'sinks'} if isinstance(params, dict) else None
+  if keys != set(PROJECTIONS):
     got = sorted(params) if isinstance(params, dict) else type(params).__name__
     raise ValueError(
-      f'`params` must be a dict with keys {list(PROJECTIONS)}; got {got}.'
+      f'`params` must be a dict with keys {list(PROJECTIONS)} (and optional '
+      f"'sinks'); got {got}."
     )
   for name in PROJECTIONS:
     entry = params[name]
@@ -198,6 +213,10 @@ def _check_params(params) -> None:
         f'{tuple(entry["kernel"].shape)}.'
       )
   heads, head_dim = params['query']['kernel'].shape[1:]
+  if 'sinks' in params:
+    _checks.check_array(params['sinks'], "params['sinks']", min_rank=1, layout='[H]')
+    _checks.check_floating(params['sinks'], "params['sinks']")
+    _checks.check_shape(params['sinks'], "params['sinks']", (heads,), '[H]')
   kv_heads = params['key']['kernel'].shape[1]
   if heads % kv_heads:
     raise ValueError(
@@ -337,6 +356,7 @@ def multi_head_attention(
     value,
     bias,
     mask,
+    sinks=_sinks(params, attention_kwargs),
     dropout_rate=dropout_rate,
     dropout_rng=dropout_rng,
     deterministic=deterministic,
@@ -356,4 +376,15 @@ def multi_head_attention_weights(
   segment ids, window, ...). Materialises ``[T, S]`` per head.
   """
   query, key, _, _ = _projections(params, inputs_q, inputs_k, None, dtype)
-  return attention_weights(query, key, bias, mask, **options)
+  sinks = _sinks(params, options)
+  return attention_weights(query, key, bias, mask, sinks=sinks, **options)
+
+
+def _sinks(params, options):
+  """``params['sinks']`` (or None); sinks come from the pytree only."""
+  if 'sinks' in options:
+    raise TypeError(
+      "`sinks` of the multi-head functions are the parameter params['sinks'] "
+      '(init with use_sinks=True), not an option.'
+    )
+  return params.get('sinks')

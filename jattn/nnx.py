@@ -49,7 +49,7 @@ class MultiHeadAttention(nnx.Module):
     rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` if dropout is used).
     **hyperparameters: the rest of ``jattn.multihead.Hyperparameters``
       (head_dim D, num_kv_heads K, value_head_dim V, out_features F,
-      kv_features, use_bias, param_dtype and the initialisers).
+      kv_features, use_bias, use_sinks, param_dtype and the initialisers).
   """
 
   def __init__(
@@ -90,6 +90,7 @@ class MultiHeadAttention(nnx.Module):
     self.key = _Projection(params['key'])
     self.value = _Projection(params['value'])
     self.out = _Projection(params['out'])
+    self.sinks = nnx.Param(params['sinks']) if 'sinks' in params else None
 
   @classmethod
   def from_params(
@@ -118,9 +119,12 @@ class MultiHeadAttention(nnx.Module):
     module._set_params(params)  # replaces the fresh initialisation
     return module
 
-  def to_params(self) -> dict[str, dict[str, jnp.ndarray]]:
-    """The plain parameter pytree (Flax linen's layout)."""
-    return {name: getattr(self, name).as_dict() for name in multihead.PROJECTIONS}
+  def to_params(self) -> dict:
+    """The plain parameter pytree (Flax linen's layout, and 'sinks')."""
+    params = {name: getattr(self, name).as_dict() for name in multihead.PROJECTIONS}
+    if self.sinks is not None:
+      params['sinks'] = self.sinks[...]
+    return params
 
   def __call__(
     self,

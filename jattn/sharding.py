@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jattn import _prepare, _ring, attention
+from jattn.multihead import PROJECTIONS
 
 DATA, MODEL, SEQ = 'data', 'model', 'seq'
 AXES = (DATA, MODEL, SEQ)
@@ -82,17 +83,17 @@ def _axis(mesh: Mesh, name: str, dim: int | None = None) -> str | None:
 def param_specs(params, mesh: Mesh):
   """PartitionSpecs for the multi-head parameter pytree: heads over ``model``.
 
-  Query and out projections split H; key and value split K when the model
-  axis divides it (GQA with few KV heads stays replicated).
+  Query and out projections (and the sinks) split H; key and value split K
+  when the model axis divides it (GQA with few KV heads stays replicated).
   """
   heads = params['query']['kernel'].shape[1]
   kv_heads = params['key']['kernel'].shape[1]
   h = _axis(mesh, MODEL, heads)
   k = _axis(mesh, MODEL, kv_heads) if h else None
   head_axis = {'query': h, 'key': k, 'value': k, 'out': h}
-  specs = {}
-  for name, projection in params.items():
-    axis = head_axis[name]
+  specs = {'sinks': P(h)} if 'sinks' in params else {}
+  for name in PROJECTIONS:
+    projection, axis = params[name], head_axis[name]
     specs[name] = {
       'kernel': P(axis, None, None) if name == 'out' else P(None, axis, None)
     }
@@ -172,6 +173,9 @@ def ring_attention(
   block_sizes: tuple[int, int] | None = None,
   return_residual: bool = False,
   sinks=None,
+  mask_mod=None,
+  score_mod=None,
+  block_mask=None,
 ):
   """Sequence-parallel attention: T and S sharded over ``mesh[seq_axis]``.
 
@@ -184,7 +188,9 @@ def ring_attention(
   ``model`` axes when it has them and they divide B and both H and K.
   Causal attention runs in zig-zag order so every device does equal work.
   Any T and S work (padded inside to a multiple of the ring size; 2x for
-  causal).
+  causal). ``mask_mod`` and ``score_mod`` see global positions; a
+  ``block_mask``'s mask_mod is tested element by element in every step (its
+  block states are for the whole sequence's blocks).
   """
   arrays, opts = _prepare.split_arguments(locals())
   if opts.implementation not in (None, 'flash'):
@@ -194,16 +200,46 @@ def ring_attention(
     )
   if not isinstance(mesh, Mesh):
     raise TypeError(f'`mesh` must be a jax.sharding.Mesh; got {type(mesh).__name__}.')
+  statics, leaves = _prepare.split_mods(mask_mod, score_mod)
   return _ring_jit(
-    query, key, value, bias, mask, arrays, dropout_rng, opts, sinks, mesh, seq_axis
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    arrays,
+    dropout_rng,
+    opts,
+    sinks,
+    leaves,
+    block_mask,
+    mesh,
+    seq_axis,
+    statics,
   )
 
 
-@functools.partial(jax.jit, static_argnames=('opts', 'mesh', 'seq_axis'))
+@functools.partial(jax.jit, static_argnames=('opts', 'mesh', 'seq_axis', 'statics'))
 def _ring_jit(
-  query, key, value, bias, mask, arrays, dropout_rng, opts, sinks, mesh, seq_axis
+  query,
+  key,
+  value,
+  bias,
+  mask,
+  arrays,
+  dropout_rng,
+  opts,
+  sinks,
+  leaves,
+  block_mask,
+  mesh,
+  seq_axis,
+  statics,
 ):
-  p = _prepare.prepare(query, key, value, bias, mask, arrays, dropout_rng, opts, sinks)
+  mods = _prepare.join_mods(statics, leaves, block_mask)
+  p = _prepare.prepare(
+    query, key, value, bias, mask, arrays, dropout_rng, opts, sinks, mods
+  )
   ring = _ring.Ring(mesh, seq_axis=seq_axis, data_axis=DATA, model_axis=MODEL)
   reasons = ring.supports(p)
   if reasons:

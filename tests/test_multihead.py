@@ -251,3 +251,57 @@ def test_wrappers_share_one_declaration_of_hyperparameters():
   shapes = jattn.param_shapes(E, H, **options)
   for tree in (linen_params, nnx_params.to_params()):
     assert jax.tree.map(jnp.shape, tree) == shapes
+
+
+def test_sinks_are_a_learnable_parameter_of_the_function_and_wrappers():
+  x = inputs()
+  params = jattn.init_params(jax.random.key(0), E, H, num_kv_heads=2, use_sinks=True)
+  assert jattn.param_shapes(E, H, use_sinks=True)['sinks'] == (H,)
+  chex.assert_trees_all_equal(params['sinks'], jnp.zeros(H))
+  params['sinks'] = jnp.array([0.5, -1.0, 2.0, 0.0])
+  q, k, v, _ = jattn.multihead._projections(params, x, None, None, None)
+  attended = jattn.dot_product_attention(q, k, v, is_causal=True, sinks=params['sinks'])
+  expected = jnp.einsum('bthv,hvf->btf', attended, params['out']['kernel'])
+  expected = expected + params['out']['bias'][None, None]
+  out = jattn.multi_head_attention(params, x, is_causal=True)
+  chex.assert_trees_all_close(out, expected, atol=1e-6)
+  grads = jax.grad(lambda p: jattn.multi_head_attention(p, x).sum())(params)
+  assert jnp.abs(grads['sinks']).min() > 0
+  # Both wrappers hold it, take it from a pytree and give it back.
+  module = jattn.nnx.MultiHeadAttention.from_params(params)
+  chex.assert_trees_all_close(module(x, is_causal=True), out, atol=1e-6)
+  chex.assert_trees_all_equal(module.to_params()['sinks'], params['sinks'])
+  linen = jattn.linen.MultiHeadAttention(num_heads=H, num_kv_heads=2, use_sinks=True)
+  variables = linen.init(jax.random.key(1), x)
+  assert variables['params']['sinks'].shape == (H,)
+  linen_out = linen.apply({'params': params}, x, is_causal=True)
+  chex.assert_trees_all_close(linen_out, out, atol=1e-6)
+  fresh = jattn.nnx.MultiHeadAttention(H, E, use_sinks=True, rngs=nnx.Rngs(0))
+  assert fresh.to_params()['sinks'].shape == (H,)
+  with pytest.raises(TypeError, match=r"params\['sinks'\]"):
+    jattn.multi_head_attention(params, x, sinks=params['sinks'])
+  with pytest.raises(ValueError, match=r"`params\['sinks'\]` must have shape"):
+    jattn.multi_head_attention({**params, 'sinks': jnp.zeros(3)}, x)
+
+
+def test_mods_and_block_masks_reach_the_function_and_wrappers():
+  x = inputs(length=12)
+  params = jattn.init_params(jax.random.key(0), E, H)
+  causal = lambda b, h, q_idx, kv_idx: kv_idx <= q_idx
+  block_mask = jattn.create_block_mask(causal, None, None, 12, 12, block_sizes=(8, 8))
+  alibi = jattn.mods.alibi(jattn.mods.alibi_slopes(H))
+  expected = jattn.multi_head_attention(params, x, is_causal=True, score_mod=alibi)
+  for fn in (
+    lambda: jattn.multi_head_attention(
+      params, x, block_mask=block_mask, score_mod=alibi
+    ),
+    lambda: jattn.nnx.MultiHeadAttention.from_params(params)(
+      x, mask_mod=causal, score_mod=alibi
+    ),
+    lambda: jattn.linen.MultiHeadAttention(num_heads=H).apply(
+      {'params': params}, x, block_mask=block_mask, score_mod=alibi
+    ),
+  ):
+    chex.assert_trees_all_close(fn(), expected, atol=1e-5)
+  weights = jattn.multi_head_attention_weights(params, x, mask_mod=causal)
+  assert float(jnp.abs(jnp.triu(weights, 1)).max()) == 0.0

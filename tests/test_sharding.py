@@ -41,6 +41,8 @@ def test_param_specs_split_heads():
   specs = sharding.param_specs(gqa, mesh)  # K=2 does not split over 4
   assert specs['key']['kernel'] == P(None, None, None)
   assert specs['query']['kernel'] == P(None, 'model', None)
+  with_sinks = jattn.init_params(jax.random.key(0), E, H, use_sinks=True)
+  assert sharding.param_specs(with_sinks, mesh)['sinks'] == P('model')
 
 
 def test_linear_specs_megatron_pair():

@@ -86,7 +86,7 @@ def planned_states(vis, t, s, bq, bk):
   nq, nk = -(-t // bq), -(-s // bk)
   padded = vis.pad(nq * bq, nk * bk, vis.kv_extent if vis.kv_extent else s)
   states = np.asarray(padded.block_states(bq, bk, nq, nk))
-  plan = padded.block_mask(bq, bk, nq, nk)
+  plan = padded.block_plan(bq, bk, nq, nk)
   for visits, by_block in ((plan.kv, states), (plan.q, states.T)):
     for n, row in enumerate(by_block):
       order, partial, full = (np.asarray(x[n]) for x in visits)

@@ -1,0 +1,194 @@
+"""User functions of one element: ``mask_mod`` and ``score_mod``.
+
+A user writes them for one element, as in PyTorch's FlexAttention:
+
+  mask_mod(b, h, q_idx, kv_idx) -> bool            True: may attend
+  score_mod(score, b, h, q_idx, kv_idx) -> score   float32 logit
+
+with int32 scalars ``b`` (flat batch row), ``h`` (query head) and the global
+positions ``q_idx``, ``kv_idx``. Inside the jit of a call each is traced once
+into a ``Mod``: its jaxpr and the arrays it captured, made explicit operands
+(float ones are ``params``: differentiable through flash's and the ring's
+custom VJPs; the rest ``fixed``), so nothing reaches a kernel by closure.
+Kernels apply a ``Mod`` to whole blocks (``on_block``), vmapped.
+
+Across the jit boundary a function is static (one trace per function
+object) and a ``jax.tree_util.Partial`` is a pytree whose arrays are
+operands (``split``/``join``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
+
+from jattn._visibility import HIDDEN
+
+# Each mod's arguments, as it is called for one element.
+SIGNATURES = {
+  'mask_mod': ('b', 'h', 'q_idx', 'kv_idx'),
+  'score_mod': ('score', 'b', 'h', 'q_idx', 'kv_idx'),
+}
+_RESULT = {'mask_mod': jnp.dtype(bool), 'score_mod': jnp.dtype(jnp.float32)}
+
+
+def split(fn):
+  """``fn`` -> ``(static, leaves)``: a ``Partial``'s arrays travel as jit
+  operands; any other callable (or None) is static."""
+  if isinstance(fn, jax.tree_util.Partial):
+    leaves, treedef = jax.tree.flatten(fn)
+    return treedef, tuple(leaves)
+  return fn, ()
+
+
+def join(static, leaves):
+  """The inverse of ``split``."""
+  if isinstance(static, jax.tree_util.PyTreeDef):
+    return jax.tree.unflatten(static, leaves)
+  return static
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=('params', 'fixed'),
+  meta_fields=('jaxpr', 'name', 'is_param'),
+)
+@dataclasses.dataclass(frozen=True)
+class Mod:
+  """A traced user function: ``jaxpr`` over its captured arrays (in order:
+  ``is_param[i]`` says whether the i-th is from ``params`` or ``fixed``)."""
+
+  jaxpr: object
+  name: str
+  is_param: tuple[bool, ...]
+  params: tuple
+  fixed: tuple
+
+  @classmethod
+  def trace(cls, fn, name: str) -> Mod:
+    """Check and trace ``fn`` (``name`` is 'mask_mod' or 'score_mod')."""
+    arguments = SIGNATURES[name]
+    if not callable(fn):
+      raise TypeError(f'`{name}` must be callable; got {type(fn).__name__}.')
+    _check_arity(fn, name, arguments)
+    example = [jnp.zeros((), jnp.int32)] * len(arguments)
+    if name == 'score_mod':
+      example[0] = jnp.zeros((), jnp.float32)
+    closed = jax.make_jaxpr(fn)(*example)
+    _check_result(closed.out_avals, name)
+    consts = list(closed.consts)
+    is_param = tuple(_is_float(c) for c in consts)
+    params = tuple(c for c, p in zip(consts, is_param, strict=True) if p)
+    fixed = tuple(c for c, p in zip(consts, is_param, strict=True) if not p)
+    return cls(closed.jaxpr, name, is_param, params, fixed)
+
+  def __call__(self, *scalars):
+    params, fixed = iter(self.params), iter(self.fixed)
+    consts = [next(params) if p else next(fixed) for p in self.is_param]
+    (out,) = jaxpr_as_fun(ClosedJaxpr(self.jaxpr, consts))(*scalars)
+    return out
+
+  def with_params(self, params) -> Mod:
+    return dataclasses.replace(self, params=tuple(params))
+
+  def on_block(self, b, h, q_idx, kv_idx, score=None):
+    """The mod over a block: ``q_idx [t]``, ``kv_idx [s]`` (global
+    positions), ``score [t, s]`` for a score_mod -> ``[t, s]``."""
+    b, h = (jnp.asarray(0 if x is None else x, jnp.int32) for x in (b, h))
+    if score is None:
+      row = jax.vmap(self, in_axes=(None, None, None, 0))
+      return jax.vmap(row, in_axes=(None, None, 0, None))(b, h, q_idx, kv_idx)
+    row = jax.vmap(self, in_axes=(0, None, None, None, 0))
+    both = jax.vmap(row, in_axes=(0, None, None, 0, None))
+    return both(score, b, h, q_idx, kv_idx)
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _check_arity(fn, name: str, arguments) -> None:
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):  # a builtin or C function: no signature
+    return
+  try:
+    signature.bind(*arguments)
+  except TypeError:
+    raise TypeError(
+      f'`{name}` must take {len(arguments)} positional arguments '
+      f'({", ".join(arguments)}); got a function with signature {signature}.'
+    ) from None
+
+
+def _check_result(out_avals, name: str) -> None:
+  want = _RESULT[name]
+  what = 'a bool' if name == 'mask_mod' else 'a float32'
+  got = ', '.join(str(a) for a in out_avals)
+  ok = len(out_avals) == 1 and out_avals[0].shape == ()
+  if not ok or jnp.dtype(out_avals[0].dtype) != want:
+    raise TypeError(
+      f'`{name}` must return {what} scalar for one element '
+      f'({", ".join(SIGNATURES[name])} are int32 scalars'
+      f'{"; score is a float32 scalar" if name == "score_mod" else ""}); '
+      f'got {got or "nothing"}.'
+    )
+
+
+def score_block(mod: Mod | None, score, indices):
+  """``score [t, s]`` through the score_mod at ``indices = (b, h, q_idx [t],
+  kv_idx [s])`` (``Visibility.mod_indices``); None: as it is."""
+  return score if mod is None else mod.on_block(*indices, score)
+
+
+def score_block_vjp(mod: Mod | None, score, indices):
+  """``(score_block(...), vjp)`` with ``vjp(d_modded) -> (d_score,
+  d_params)``; without a mod the score and the identity."""
+  if mod is None:
+    return score, lambda d: (d, None)
+
+  def apply(score, params):
+    return mod.with_params(params).on_block(*indices, score)
+
+  return jax.vjp(apply, score, mod.params)
+
+
+@jax.tree_util.register_pytree_node_class
+class BlockMask:
+  """A ``mask_mod`` and its block states, built by ``jattn.create_block_mask``.
+
+  ``states`` int8 ``[B|1, H|1, nq, nk]``: per (query block, key block) of
+  ``block_sizes`` over ``T`` x ``S`` (``shape = (B|1, H|1, T, S)``), 0 =
+  partial (the kernel tests each element with ``mask_mod``), 1 = full (every
+  element may attend: no test), 2 = hidden (skipped). A pytree: it passes
+  through ``jax.jit`` and can be built inside one from runtime data.
+  """
+
+  def __init__(self, states, mask_mod, shape, block_sizes):
+    self.states, self.mask_mod = states, mask_mod
+    self.shape, self.block_sizes = tuple(shape), tuple(block_sizes)
+
+  def tree_flatten(self):
+    static, leaves = split(self.mask_mod)
+    return (self.states, leaves), (static, self.shape, self.block_sizes)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    static, shape, block_sizes = aux
+    states, leaves = children
+    return cls(states, join(static, leaves), shape, block_sizes)
+
+  def sparsity(self):
+    """The fraction of blocks skipped (hidden)."""
+    return jnp.mean(self.states == HIDDEN)
+
+  def __repr__(self):
+    return (
+      f'BlockMask(shape={self.shape}, block_sizes={self.block_sizes}, '
+      f'mask_mod={getattr(self.mask_mod, "__name__", self.mask_mod)})'
+    )

@@ -1,0 +1,69 @@
+"""``create_block_mask``: which blocks a ``mask_mod`` hides, leaves partly or
+fully visible, evaluated block by block under ``jax.jit``."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jattn import _mods
+from jattn._flash import block_sizes as default_block_sizes
+from jattn._mods import BlockMask
+from jattn._options import as_int
+from jattn._visibility import FULL, HIDDEN, PARTIAL, Visibility
+
+
+def create_block_mask(mask_mod, B, H, T, S, *, block_sizes=None) -> BlockMask:
+  """The block mask of ``mask_mod(b, h, q_idx, kv_idx) -> bool`` over
+  ``B`` (flat batch rows; None: 1, the mod must not depend on ``b``) x
+  ``H`` (query heads; None: 1) x ``T`` queries x ``S`` keys.
+
+  Each (query block, key block) of ``block_sizes`` (default: flash's for
+  this backend and these lengths) is hidden, full or partial; flash then
+  skips the hidden blocks and tests elements only in the partial ones. Pass
+  it as ``block_mask=`` to ``jattn.dot_product_attention``, the multi-head
+  functions or the wrappers; build it once and use it in every layer.
+  Positions are ``0..T-1`` and ``0..S-1`` (no offsets). The mod is
+  evaluated one ``[block, S]`` slab at a time (never ``[T, S]``); inside a
+  ``jax.jit`` it may close over runtime arrays (document ids).
+
+  Example::
+
+    causal = lambda b, h, q_idx, kv_idx: kv_idx <= q_idx
+    block_mask = jattn.create_block_mask(causal, None, None, 4096, 4096)
+    out = jattn.dot_product_attention(q, k, v, block_mask=block_mask)
+  """
+  B = 1 if B is None else as_int(B, 'B', minimum=1)
+  H = 1 if H is None else as_int(H, 'H', minimum=1)
+  T, S = as_int(T, 'T', minimum=1), as_int(S, 'S', minimum=1)
+  if block_sizes is not None:
+    block_sizes = tuple(as_int(b, 'block_sizes', minimum=1) for b in block_sizes)
+  blocks = default_block_sizes(T, S, block_sizes)
+  static, leaves = _mods.split(mask_mod)
+  states = _states(leaves, static, (B, H, T, S), blocks)
+  return BlockMask(states, mask_mod, (B, H, T, S), blocks)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _states(leaves, static, shape, blocks):
+  """``[B, H, nq, nk]`` int8 states, one query block (of every key) at a time."""
+  mod = _mods.Mod.trace(_mods.join(static, leaves), 'mask_mod')
+  B, H, T, S = shape
+  bq, bk = blocks
+  nq, nk = -(-T // bq), -(-S // bk)
+
+  def query_block(n):
+    b, h, i = n // (H * nq), n // nq % H, n % nq
+    vis = Visibility(q_size=T, kv_size=S, mask_mod=mod, batch_index=b, head_index=h)
+    # Padded rows and columns repeat the last real one (mod_indices clamps):
+    # they change neither any nor all.
+    visible = mod.on_block(*vis.mod_indices(i * bq, 0, bq, nk * bk))
+    visible = visible.reshape(bq, nk, bk)
+    some, every = visible.any(axis=(0, 2)), visible.all(axis=(0, 2))
+    return jnp.where(some, jnp.where(every, FULL, PARTIAL), HIDDEN).astype(jnp.int8)
+
+  states = lax.map(query_block, jnp.arange(B * H * nq, dtype=jnp.int32))
+  return states.reshape(B, H, nq, nk)
