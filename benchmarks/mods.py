@@ -8,7 +8,8 @@ B=1, H=8, D=64, float32, causal, flash on this backend. Each line is the
 median over --rounds of the ratio (this / baseline) of two calls timed back to
 back (so a noisy machine slows both), with the range of the ratios:
 
-- ALiBi as a score_mod (``jattn.mods.alibi``) vs plain causal;
+- ALiBi as a score_mod (``jattn.mods.alibi``) vs plain causal, and vs the
+  same ALiBi as a dense ``[H, T, S]`` bias;
 - attention sinks vs plain causal;
 - a causal mask_mod with its block mask vs ``is_causal=True``;
 - 8 documents through ``jattn.mods.document_mask`` with its block mask vs
@@ -77,6 +78,8 @@ def main():
   q, k, v = (jax.random.normal(x, (1, t, H, D), jnp.float32) for x in keys)
   docs = jnp.asarray(np.arange(t) // (t // DOCUMENTS))[None]
   causal_mod = lambda b, h, q_idx, kv_idx: kv_idx <= q_idx
+  slopes = jnp.asarray(jattn.mods.alibi_slopes(H))
+  distance = (jnp.arange(t)[None, :] - jnp.arange(t)[:, None]).astype(jnp.float32)
   document_mod = jattn.mods.document_mask(docs)
 
   start = time.perf_counter()
@@ -95,8 +98,12 @@ def main():
   )
   comparisons = {
     'alibi score_mod vs plain': (
-      dict(score_mod=jattn.mods.alibi(jattn.mods.alibi_slopes(H))),
+      dict(score_mod=jattn.mods.alibi(slopes)),
       {},
+    ),
+    'alibi score_mod vs alibi dense bias': (
+      dict(score_mod=jattn.mods.alibi(slopes)),
+      dict(bias=slopes[:, None, None] * distance[None]),
     ),
     'sinks vs plain': (dict(sinks=jnp.zeros(H)), {}),
     'causal mask_mod + block mask vs is_causal': (dict(block_mask=causal_blocks), {}),
