@@ -5,13 +5,14 @@ Public API: ``dot_product_attention`` and ``attention_weights`` (the core),
 ``multi_head_attention_weights`` (multi-head functions over a parameter
 pytree), the mask helpers, ``create_block_mask`` and ``BlockMask`` (the
 blocks a ``mask_mod`` skips), ``flax_attention_fn`` (an ``attention_fn`` for
-Flax's modules); submodules ``jattn.mods`` (ready mask and score functions:
-ALiBi, T5 buckets, documents), ``jattn.nnx`` and ``jattn.linen`` (Flax
-wrappers), ``jattn.sharding`` (meshes, specs, ring attention) and
+Flax's modules); submodules ``jattn.cache`` (key/value caches and the
+inference step: prefill and decode, dense and paged), ``jattn.mods`` (ready
+mask and score functions: ALiBi, T5 buckets, documents), ``jattn.nnx`` and
+``jattn.linen`` (Flax wrappers), ``jattn.sharding`` (meshes, specs, ring attention) and
 ``jattn.testing`` (equivalence helpers).
 """
 
-from jattn import linen, mods, nnx, sharding, testing
+from jattn import cache, linen, mods, nnx, sharding, testing
 from jattn._mods import BlockMask
 from jattn.attention import attention_weights, dot_product_attention
 from jattn.block_mask import create_block_mask
@@ -35,6 +36,7 @@ __version__ = '0.1.0'
 __all__ = [
   'BlockMask',
   'attention_weights',
+  'cache',
   'causal_mask',
   'combine_masks',
   'create_block_mask',

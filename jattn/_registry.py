@@ -2,22 +2,37 @@
 
 A kernel has a ``name``, ``supports(p) -> reasons`` (an empty list when it
 can take the prepared call ``p``) and ``__call__(p) -> (out [B, T, H, V],
-lse [B, T, H])``. The automatic choice is a policy per backend: the first
-kernel of ``AUTO[p.backend]`` that supports the call; an explicit choice that
-cannot take it is a ``ValueError`` quoting its reasons.
+lse [B, T, H])``; optionally ``preferred(p)``, whether the automatic choice
+should take a call it supports (default yes). The automatic choice is a
+policy per backend: the first kernel of ``AUTO[p.backend]`` that supports
+and prefers the call; an explicit choice that cannot take it is a
+``ValueError`` quoting its reasons.
 """
 
 from __future__ import annotations
 
+from jattn._decode import Decode
 from jattn._flash import Flash
 from jattn._prepare import Prepared
 from jattn._reference import Reference
 from jattn._xla import Xla
 
-KERNELS = {k.name: k for k in (Flash(), Reference(), Xla('xla'), Xla('cudnn'))}
-# The automatic choice by backend: on a GPU cuDNN where it fits (half
-# precision, ...), else flash; elsewhere flash, which takes every call.
-AUTO = {'gpu': ('cudnn', 'flash'), 'cpu': ('flash',), 'tpu': ('flash',)}
+KERNELS = {
+  k.name: k for k in (Flash(), Reference(), Xla('xla'), Xla('cudnn'), Decode())
+}
+# The automatic choice by backend: decode for few queries against many keys;
+# on a GPU cuDNN where it fits (half precision, ...), else flash, which takes
+# every call.
+AUTO = {
+  'gpu': ('decode', 'cudnn', 'flash'),
+  'cpu': ('decode', 'flash'),
+  'tpu': ('decode', 'flash'),
+}
+
+
+def _takes(kernel, p: Prepared) -> bool:
+  preferred = getattr(kernel, 'preferred', lambda p: True)
+  return not kernel.supports(p) and preferred(p)
 
 
 def select(p: Prepared):
@@ -25,7 +40,7 @@ def select(p: Prepared):
   name = p.opts.implementation
   if name is None:
     order = AUTO.get(p.backend, ('flash',))
-    return next(KERNELS[n] for n in order if not KERNELS[n].supports(p))
+    return next(KERNELS[n] for n in order if _takes(KERNELS[n], p))
   reasons = KERNELS[name].supports(p)
   if reasons:
     others = [n for n, k in KERNELS.items() if n != name and not k.supports(p)]

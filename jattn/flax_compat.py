@@ -43,6 +43,8 @@ def flax_attention_fn(implementation: str | None = None, **options):
   - weights sown for ``sow_weights=True`` are the softmax before dropout, in
     ``dtype`` as Flax sows them (float32 with linen's
     ``force_fp32_for_softmax=True``, whose output is then float32 too);
+  - ``is_causal`` with fewer queries than keys (Flax's decode) is aligned
+    bottom-right: the queries are the last positions (flax#5591);
   - ``precision`` sets the matmul precision of the call
     (``jax.default_matmul_precision``);
   - ``broadcast_dropout`` is ignored: jattn draws its dropout mask per batch
@@ -90,6 +92,14 @@ def flax_attention_fn(implementation: str | None = None, **options):
     if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
       mask = jnp.asarray(mask) != 0
     kwargs = dict(is_causal=is_causal, **options)
+    q_len, kv_len = query.shape[-3], key.shape[-3]
+    if is_causal and q_len < kv_len:
+      # Flax passes fewer queries than keys with is_causal in decode, where
+      # the queries are the newest positions of its cache: causal is then
+      # aligned bottom-right (top-left, query 0 would see key 0 only:
+      # flax#5591); the cache's own mask hides the positions not yet written.
+      batch_shape = query.shape[:-3]
+      kwargs['q_offsets'] = jnp.full(batch_shape, kv_len - q_len, jnp.int32)
     fp32_softmax = force_fp32_for_softmax and dtype != jnp.float32
     with jax.default_matmul_precision(_matmul_precision(precision)):
       if module is not None:  # Flax asked to sow the weights (before dropout)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jattn import _options, multihead
+from jattn import _options, cache, multihead
 
 
 class MultiHeadAttention(nn.Module):
@@ -27,7 +27,10 @@ class MultiHeadAttention(nn.Module):
   ``'sinks'`` parameter [H]), param_dtype, initialisers);
   dtype (compute; default widest of inputs and parameters), dropout_rate,
   deterministic, implementation. Dropout draws from the ``'dropout'`` rng
-  collection.
+  collection. ``decode=True``: as ``flax.linen.MultiHeadDotProductAttention``,
+  ``init`` with inputs of the cache's shape ``(B, max_length, E)`` creates the
+  ``'cache'`` collection, then each ``apply(..., mutable=['cache'])`` is a
+  cached self-attention step of T >= 1 tokens (``jattn.cache``).
   """
 
   num_heads: int
@@ -45,6 +48,7 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   deterministic: bool | None = None
   implementation: str | None = None
+  decode: bool = False
 
   def __post_init__(self):
     # Settings are checked when the module is built, not at its first call.
@@ -86,6 +90,10 @@ class MultiHeadAttention(nn.Module):
     if not deterministic and dropout_rng is None:
       dropout_rng = self.make_rng('dropout')
     settings = multihead.wrapper_settings(self, dropout_rng, deterministic)
+    if self.decode:
+      return self._step(
+        params, inputs_q, inputs_k, inputs_v, settings, attention_kwargs
+      )
     return multihead.multi_head_attention(
       params,
       inputs_q,
@@ -94,6 +102,31 @@ class MultiHeadAttention(nn.Module):
       **settings,
       **attention_kwargs,
     )
+
+  def _step(self, params, inputs_q, inputs_k, inputs_v, settings, attention_kwargs):
+    """Decode: the 'cache' collection is a ``jattn.cache.KVCache``, made at
+    ``init`` for the inputs' shape (which then run as plain attention)."""
+    if inputs_k is not None or inputs_v is not None:
+      raise ValueError('decode is self-attention: pass only `inputs_q`.')
+    initialized = self.has_variable('cache', 'cached_key')
+    dtype = multihead._compute_dtype(self.dtype, inputs_q, *jax.tree.leaves(params))
+    empty = lambda: cache.init_cache(
+      params, inputs_q.shape[0], inputs_q.shape[1], dtype
+    )
+    cached_key = self.variable('cache', 'cached_key', lambda: empty().key)
+    cached_value = self.variable('cache', 'cached_value', lambda: empty().value)
+    lengths = self.variable('cache', 'cache_lengths', lambda: empty().lengths)
+    if not initialized:
+      return multihead.multi_head_attention(
+        params, inputs_q, **settings, is_causal=True, **attention_kwargs
+      )
+    state = cache.KVCache(cached_key.value, cached_value.value, lengths.value)
+    out, state = cache.multi_head_attention_step(
+      params, inputs_q, state, **settings, **attention_kwargs
+    )
+    cached_key.value, cached_value.value = state.key, state.value
+    lengths.value = state.lengths
+    return out
 
 
 # The module's attributes that are hyper-parameters: all of them but the

@@ -11,7 +11,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn import _options, multihead
+from jattn import _options, cache, multihead
 
 
 class _Projection(nnx.Module):
@@ -46,6 +46,10 @@ class MultiHeadAttention(nnx.Module):
     dropout_rate, deterministic: dropout on the attention weights; draws keys
       from ``rngs.dropout`` unless ``rngs`` is passed to ``__call__``.
     implementation: as in ``jattn.dot_product_attention``.
+    decode: calls are cached self-attention steps (``init_cache`` first):
+      each call's T tokens are written to the cache after the ones before
+      and attend causally to everything cached (``jattn.cache``): prefill
+      with a long call, then one token per call.
     rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` if dropout is used).
     **hyperparameters: the rest of ``jattn.multihead.Hyperparameters``
       (head_dim D, num_kv_heads K, value_head_dim V, out_features F,
@@ -61,6 +65,7 @@ class MultiHeadAttention(nnx.Module):
     dropout_rate: float = 0.0,
     deterministic: bool = False,
     implementation: str | None = None,
+    decode: bool = False,
     rngs: nnx.Rngs,
     **hyperparameters,
   ):
@@ -82,7 +87,25 @@ class MultiHeadAttention(nnx.Module):
     self.dropout_rate = dropout_rate
     self.deterministic = deterministic
     self.implementation = implementation
+    self.decode = _options.as_bool(decode, 'decode')
     self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
+    self.cached_key = nnx.data(None)  # set by init_cache
+    self.cached_value = nnx.data(None)
+    self.cache_lengths = nnx.data(None)
+
+  def init_cache(self, input_shape, dtype=jnp.float32) -> None:
+    """An empty cache for ``input_shape = (B, max_length, E)`` (as
+    ``flax.nnx.MultiHeadAttention.init_cache``): keys and values of the K
+    KV heads, ``dtype`` (the compute dtype of the calls)."""
+    *batch, capacity, _ = input_shape
+    if len(batch) != 1:
+      raise ValueError(
+        f'`input_shape` must be (B, max_length, E); got {tuple(input_shape)}.'
+      )
+    empty = cache.init_cache(self.to_params(), batch[0], capacity, dtype)
+    self.cached_key = nnx.Cache(empty.key)
+    self.cached_value = nnx.Cache(empty.value)
+    self.cache_lengths = nnx.Cache(empty.lengths)
 
   def _set_params(self, params) -> None:
     multihead._check_params(params)
@@ -134,10 +157,14 @@ class MultiHeadAttention(nnx.Module):
     *,
     deterministic: bool | None = None,
     rngs: nnx.Rngs | None = None,
+    decode: bool | None = None,
     **attention_kwargs,
   ):
     """``[B..., T, E] -> [B..., T, F]``; keyword options (``mask``, ``bias``,
-    ``is_causal``, lengths, segments, ...) as in ``dot_product_attention``."""
+    ``is_causal``, lengths, segments, ...) as in ``dot_product_attention``.
+    ``decode`` overrides the module's (a cached step: ``[B, T, E]``,
+    self-attention; options as in ``jattn.cache.multi_head_attention_step``,
+    ``num_new`` included)."""
     deterministic = self.deterministic if deterministic is None else deterministic
     dropout_rng = None
     if self.dropout_rate > 0.0 and not deterministic:
@@ -149,6 +176,8 @@ class MultiHeadAttention(nnx.Module):
         )
       dropout_rng = stream()
     settings = multihead.wrapper_settings(self, dropout_rng, deterministic)
+    if self.decode if decode is None else decode:
+      return self._step(inputs_q, inputs_k, inputs_v, settings, attention_kwargs)
     return multihead.multi_head_attention(
       self.to_params(),
       inputs_q,
@@ -157,3 +186,19 @@ class MultiHeadAttention(nnx.Module):
       **settings,
       **attention_kwargs,
     )
+
+  def _step(self, inputs_q, inputs_k, inputs_v, settings, attention_kwargs):
+    if inputs_k is not None or inputs_v is not None:
+      raise ValueError('decode is self-attention: pass only `inputs_q`.')
+    if self.cached_key is None:
+      raise ValueError('decode needs a cache: call `init_cache` first.')
+    state = cache.KVCache(
+      self.cached_key[...], self.cached_value[...], self.cache_lengths[...]
+    )
+    out, state = cache.multi_head_attention_step(
+      self.to_params(), inputs_q, state, **settings, **attention_kwargs
+    )
+    self.cached_key[...] = state.key
+    self.cached_value[...] = state.value
+    self.cache_lengths[...] = state.lengths
+    return out

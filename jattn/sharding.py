@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jattn import _prepare, _ring, attention
+from jattn import _prepare, _ring, attention, cache
 from jattn.multihead import PROJECTIONS
 
 DATA, MODEL, SEQ = 'data', 'model', 'seq'
@@ -100,6 +100,20 @@ def param_specs(params, mesh: Mesh):
     if 'bias' in projection:
       specs[name]['bias'] = P(None) if name == 'out' else P(axis, None)
   return specs
+
+
+def cache_specs(kv_cache, mesh: Mesh):
+  """PartitionSpecs of a ``jattn.cache`` cache: sequences over ``data``,
+  KV heads over ``model`` (where the axes divide B and K); a paged cache's
+  pool splits its heads, its page table and lengths the sequences."""
+  batch = kv_cache.lengths.shape[0]
+  b = _axis(mesh, DATA, batch)
+  if isinstance(kv_cache, cache.KVCache):
+    m = _axis(mesh, MODEL, kv_cache.key.shape[2])
+    return cache.KVCache(P(b, None, m, None), P(b, None, m, None), P(b))
+  m = _axis(mesh, MODEL, kv_cache.key_pages.shape[2])
+  pool = P(None, None, m, None)
+  return cache.PagedKVCache(pool, pool, P(b, None), P(b))
 
 
 def linear_specs(params, mesh: Mesh, *, split: str):

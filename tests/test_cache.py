@@ -1,0 +1,303 @@
+"""Inference: caches (dense, paged), the cached step, the decode kernel."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+
+import jattn
+from jattn import _decode, _options, _prepare, sharding, testing
+from jattn import cache as kv
+from tests import helpers
+from tests.test_multihead import flax_nnx_with
+
+E, H, K = 16, 4, 2
+LENGTH = 11  # odd: pages and blocks end inside it
+
+
+def setup(seed=0, batch=2, sinks=False):
+  params = jattn.init_params(
+    jax.random.key(seed), E, H, num_kv_heads=K, use_sinks=sinks
+  )
+  if sinks:
+    params['sinks'] = jnp.array([0.5, -1.0, 1.5, 0.0])
+  x = jax.random.normal(jax.random.key(seed + 1), (batch, LENGTH, E))
+  return params, x
+
+
+def empty(params, kind, batch=2, shuffle_seed=None):
+  """A fresh cache of ``kind`` ('dense' or 'paged') with room for 16."""
+  if kind == 'dense':
+    return kv.init_cache(params, batch, 16), None
+  cache = kv.init_paged_cache(params, batch, num_pages=10, page_size=4, max_pages=4)
+  free = jnp.ones(10, bool)
+  if shuffle_seed is not None:  # take some pages away: a random layout
+    taken = jax.random.permutation(jax.random.key(shuffle_seed), 10)[:2]
+    free = free.at[taken].set(False)
+  return cache, free
+
+
+def run_steps(params, x, kind, chunks, shuffle_seed=None, **options):
+  """The outputs of the steps over ``chunks`` of x, concatenated."""
+  cache, free = empty(params, kind, x.shape[0], shuffle_seed)
+  step = functools.partial(kv.multi_head_attention_step, **options)  # static options
+  step = jax.jit(step, donate_argnames='cache')
+  outs = []
+  for start, stop in chunks:
+    if free is not None:
+      cache, free = kv.allocate_pages(cache, stop - start, free)
+    out, cache = step(params, x[:, start:stop], cache)
+    outs.append(out)
+  return jnp.concatenate(outs, axis=1), cache
+
+
+PREFILL_THEN_DECODE = [(0, 5)] + [(i, i + 1) for i in range(5, LENGTH)]
+
+
+@pytest.mark.parametrize('kind', ['dense', 'paged'])
+@pytest.mark.parametrize('sinks', [False, True])
+def test_prefill_and_decode_equal_causal_attention_over_the_whole(kind, sinks):
+  params, x = setup(sinks=sinks)
+  full = jattn.multi_head_attention(params, x, is_causal=True)
+  out, cache = run_steps(params, x, kind, PREFILL_THEN_DECODE, shuffle_seed=3)
+  testing.assert_trees_close(out, full, jnp.float32)
+  np.testing.assert_array_equal(cache.lengths, [LENGTH, LENGTH])
+
+
+def test_dense_and_paged_caches_hold_the_same_keys():
+  params, x = setup(1)
+  chunks = [(0, 3), (3, 4), (4, 9), (9, 10)]
+  _, dense = run_steps(params, x, 'dense', chunks)
+  for seed in (0, 1):
+    _, paged = run_steps(params, x, 'paged', chunks, shuffle_seed=seed)
+    pages = paged.key_pages[paged.page_table]  # [B, max_pages, page, K, D]
+    keys = pages.reshape(2, -1, K, E // H)[:, :10]
+    np.testing.assert_array_equal(keys, dense.key[:, :10])
+
+
+def test_mask_rules_mean_in_decode_what_they_mean_in_training():
+  params, x = setup(2)
+  alibi = jattn.mods.alibi(jattn.mods.alibi_slopes(H))
+  options = dict(local_window_size=(3, 0), score_mod=alibi)
+  full = jattn.multi_head_attention(params, x, is_causal=True, **options)
+  for kind in ('dense', 'paged'):
+    out, _ = run_steps(params, x, kind, PREFILL_THEN_DECODE, **options)
+    testing.assert_trees_close(out, full, jnp.float32)
+
+
+def test_a_ragged_batch_is_one_call():
+  params, x = setup(3)
+  # Sequence 0 takes 4 then 3 tokens, sequence 1 takes 2 then 5: padded rows
+  # of a call are not written and return zeros.
+  cache = kv.init_cache(params, 2, 16)
+  first = jnp.array([4, 2])
+  out1, cache = kv.multi_head_attention_step(params, x[:, :4], cache, num_new=first)
+  second = jnp.array([3, 5])
+  rows = jnp.stack([x[0, 4:9], jnp.concatenate([x[1, 2:7]])])
+  out2, cache = kv.multi_head_attention_step(params, rows, cache, num_new=second)
+  np.testing.assert_array_equal(cache.lengths, [7, 7])
+  for b, (n1, n2) in enumerate([(4, 3), (2, 5)]):
+    alone = x[b : b + 1, : n1 + n2]
+    full = jattn.multi_head_attention(params, alone, is_causal=True)[0]
+    testing.assert_trees_close(out1[b, :n1], full[:n1], jnp.float32)
+    testing.assert_trees_close(out2[b, :n2], full[n1:], jnp.float32)
+    np.testing.assert_array_equal(out1[b, n1:], 0.0)
+    np.testing.assert_array_equal(out2[b, n2:], 0.0)
+
+
+def test_gradients_through_a_dense_cache_step():
+  # A prefill step into an empty cache is causal attention over its tokens:
+  # the same values and the same gradients with respect to every parameter.
+  params, x = setup(4, sinks=True)
+
+  def stepped(params):
+    return kv.multi_head_attention_step(params, x, kv.init_cache(params, 2, 16))[0]
+
+  def whole(params):
+    return jattn.multi_head_attention(params, x, is_causal=True)
+
+  testing.assert_functions_agree(
+    whole, stepped, params, argnums=(0,), dtype=jnp.float32
+  )
+
+
+FEATURES = {
+  'plain': {},
+  'causal at offsets': dict(is_causal=True, q_offsets=jnp.array([5, 30])),
+  'lengths': dict(key_value_seq_lengths=jnp.array([0, 20])),
+  'soft-cap and sinks': dict(
+    logits_soft_cap=2.0, sinks=jnp.array([0.3, -1.0, 2.0, 0.0])
+  ),
+  'mods and a bias': dict(
+    score_mod=jattn.mods.alibi(jattn.mods.alibi_slopes(4)),
+    mask_mod=lambda b, h, q_idx, kv_idx: (q_idx + kv_idx + h) % 3 != 0,
+    bias=jax.random.normal(jax.random.key(2), (2, 4, 2, 37)),
+  ),
+}
+
+
+@pytest.mark.parametrize('feature', sorted(FEATURES), ids=str)
+def test_decode_kernel_matches_the_reference(feature):
+  q, k, v = helpers.qkv(0, q_len=2, kv_len=37)
+  options = dict(FEATURES[feature])
+  bias = options.pop('bias', None)
+
+  def attend(implementation):
+    return lambda q, k, v: jattn.dot_product_attention(
+      q, k, v, bias, implementation=implementation, **options
+    )
+
+  testing.assert_functions_agree(attend('reference'), attend('decode'), q, k, v)
+
+
+def test_split_kv_equals_one_pass():
+  q, k, v = helpers.qkv(1, q_len=1, kv_len=512)
+  arrays = _prepare.SequenceArrays(q_offsets=jnp.array([300, 511]))
+  options = _options.make_options(is_causal=True)
+  p = _prepare.prepare(q, k, v, None, None, arrays, None, options, jnp.ones(4))
+  one = _decode.decode_attention(p, 1)
+  for splits in (2, 4):
+    testing.assert_trees_close(_decode.decode_attention(p, splits), one, jnp.float32)
+  assert (
+    _decode.split_count(4096, 'gpu') == 16 and _decode.split_count(4096, 'cpu') == 1
+  )
+  assert _decode.split_count(384, 'gpu') == 2  # chunks of at least 128 that divide S
+
+
+def test_automatic_choice_takes_decode_for_few_queries_and_many_keys():
+  def chosen(q_len, kv_len, heads=4):
+    q, k, v = helpers.qkv(0, q_len=q_len, kv_len=kv_len, heads=heads)
+    options = _options.make_options()
+    p = _prepare.prepare(q, k, v, None, None, _prepare.SequenceArrays(), None, options)
+    return jattn._registry.select(p).name
+
+  assert chosen(1, 1024) == 'decode'
+  assert chosen(8, 2048) == 'decode'
+  assert chosen(1, 512) == 'flash'  # a block or two: flash
+  assert chosen(64, 1024) == 'flash'  # T·G = 128 rows per KV head
+  with pytest.raises(ValueError, match='T·G = 128 query rows per KV head'):
+    jattn.dot_product_attention(*helpers.qkv(0, q_len=64), implementation='decode')
+
+
+def test_nnx_and_linen_decode_step_by_step_equal_flax():
+  params, x = setup(5)
+  params = jattn.init_params(jax.random.key(5), E, H)  # Flax's decode: K = H
+  theirs = flax_nnx_with(params)
+  ours = jattn.nnx.MultiHeadAttention.from_params(params)
+  for module in (theirs, ours):
+    module.init_cache(x.shape)
+  linen = jattn.linen.MultiHeadAttention(num_heads=H, decode=True)
+  linen_cache = linen.init(jax.random.key(0), x)['cache']
+  flax_linen = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=E, decode=True)
+  flax_cache = flax_linen.init(jax.random.key(0), x)['cache']
+  for i in range(LENGTH):
+    token = x[:, i : i + 1]
+    expected = theirs(token, decode=True)
+    testing.assert_trees_close(ours(token, decode=True), expected, jnp.float32)
+    out, state = linen.apply(
+      {'params': params, 'cache': linen_cache}, token, mutable=['cache']
+    )
+    linen_cache = state['cache']
+    flax_out, state = flax_linen.apply(
+      {'params': params, 'cache': flax_cache}, token, mutable=['cache']
+    )
+    flax_cache = state['cache']
+    testing.assert_trees_close(out, flax_out, jnp.float32)
+  # A prefill call of several tokens, then one: the same as causal attention.
+  ours.init_cache(x.shape)
+  steps = jnp.concatenate([ours(x[:, :7], decode=True), ours(x[:, 7:], decode=True)], 1)
+  full = jattn.multi_head_attention(params, x, is_causal=True)
+  testing.assert_trees_close(steps, full, jnp.float32)
+
+
+def test_the_right_answer_where_flax_decode_with_is_causal_is_wrong():
+  # flax#5591: Flax's decode with is_causal=True lets the query see key 0 only.
+  params = jattn.init_params(jax.random.key(6), E, H)
+  x = jax.random.normal(jax.random.key(7), (2, 5, E))
+  full = jattn.multi_head_attention(params, x, is_causal=True)
+  theirs = flax_nnx_with(params)
+  adapter = flax_nnx_with(params, attention_fn=jattn.flax_attention_fn())
+  outs = {}
+  for name, module in (('flax', theirs), ('adapter', adapter)):
+    module.init_cache(x.shape)
+    steps = [module(x[:, i : i + 1], decode=True, is_causal=True) for i in range(5)]
+    outs[name] = jnp.concatenate(steps, axis=1)
+  assert float(jnp.abs(outs['flax'] - full).max()) > 0.1  # Flax's bug
+  testing.assert_trees_close(outs['adapter'], full, jnp.float32)
+
+
+def test_decode_step_sharded_equals_one_device():
+  params, x = setup(8, batch=4)
+  mesh = sharding.make_mesh({'data': 4, 'model': 2})
+  cache = kv.init_cache(params, 4, 16)
+  specs = sharding.cache_specs(cache, mesh)
+  assert specs.key == jax.sharding.PartitionSpec('data', None, 'model', None)
+  put = lambda tree, spec: jax.tree.map(
+    lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), tree, spec
+  )
+  sharded_cache = put(cache, specs)
+  sharded_params = put(params, sharding.param_specs(params, mesh))
+  step = jax.jit(kv.multi_head_attention_step)
+  out, new = step(params, x[:, :3], cache)
+  sharded_out, sharded_new = step(sharded_params, x[:, :3], sharded_cache)
+  testing.assert_trees_close(sharded_out, out, jnp.float32)
+  testing.assert_trees_close(sharded_new.key, new.key, jnp.float32)
+  paged = kv.init_paged_cache(params, 4, num_pages=8, page_size=4, max_pages=2)
+  assert sharding.cache_specs(paged, mesh).page_table == jax.sharding.PartitionSpec(
+    'data', None
+  )
+
+
+def test_writes_never_leave_the_cache():
+  params, x = setup(9)
+  cache = kv.init_cache(params, 2, 4)
+  out, cache = kv.multi_head_attention_step(params, x[:, :3], cache)
+  before = cache.key
+  # 3 more tokens with room for 1: one is stored, two are dropped.
+  out, cache = kv.multi_head_attention_step(params, x[:, 3:6], cache)
+  np.testing.assert_array_equal(cache.lengths, [4, 4])
+  np.testing.assert_array_equal(cache.key[:, :3], before[:, :3])
+  assert np.isfinite(out).all()
+  # A page table pointing outside the pool: those tokens are dropped.
+  paged = kv.init_paged_cache(params, 2, num_pages=2, page_size=4, max_pages=2)
+  table = jnp.array([[0, 7], [1, -1]])
+  paged = jax.tree.map(lambda a: a, paged)
+  paged = kv.PagedKVCache(paged.key_pages, paged.value_pages, table, paged.lengths)
+  _, paged = kv.multi_head_attention_step(params, x[:, :6], paged)
+  np.testing.assert_array_equal(paged.lengths, [6, 6])
+  assert np.count_nonzero(np.asarray(paged.key_pages).any(axis=(2, 3))) == 8
+
+
+def test_cache_size_and_no_copy_per_step():
+  # D = 64, as in a real model: a copy of the cache would dwarf the logits.
+  params = jattn.init_params(jax.random.key(10), E, H, num_kv_heads=K, head_dim=64)
+  x = jax.random.normal(jax.random.key(11), (2, 1, E))
+  cache = kv.init_cache(params, 2, 1024)
+  assert cache.key.nbytes + cache.value.nbytes == 2 * 1024 * K * (64 + 64) * 4
+  step = jax.jit(kv.multi_head_attention_step, donate_argnames='cache')
+  compiled = step.lower(params, x, cache).compile()
+  assert testing.temp_bytes(compiled) < cache.key.nbytes / 4
+
+
+def test_bad_caches_are_clear_errors():
+  params, x = setup(11)
+  cache = kv.init_cache(params, 2, 8)
+  with pytest.raises(ValueError, match='the cache holds bfloat16'):
+    kv.multi_head_attention_step(
+      params, x[:, :1], kv.init_cache(params, 2, 8, jnp.bfloat16)
+    )
+  other = jattn.init_params(jax.random.key(0), E, H, num_kv_heads=4)
+  with pytest.raises(ValueError, match=r'keys \[..., K, D\] = \(4, 4\)'):
+    kv.multi_head_attention_step(params, x[:, :1], kv.init_cache(other, 2, 8))
+  with pytest.raises(ValueError, match='B=3 sequences'):
+    kv.multi_head_attention_step(params, x[:, :1], kv.init_cache(params, 3, 8))
+  with pytest.raises(TypeError, match='causal by construction'):
+    kv.multi_head_attention_step(params, x[:, :1], cache, is_causal=True)
+  with pytest.raises(TypeError, match=r'must be a jattn\.cache\.KVCache'):
+    kv.multi_head_attention_step(params, x[:, :1], {'key': 1})
+  with pytest.raises(ValueError, match='call `init_cache` first'):
+    jattn.nnx.MultiHeadAttention.from_params(params)(x, decode=True)
