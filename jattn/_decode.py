@@ -54,6 +54,29 @@ def _per_head(p: Prepared, capped):
   )
 
 
+def _head_free(p: Prepared) -> bool:
+  """Whether every head of a row sees the same keys with the same logits
+  (then the visibility value is asked once per row, not per head)."""
+  vis = p.vis
+  per_head = (p.bias, p.score_mod, vis.mask_mod, vis.mod_blocks)
+  return all(x is None for x in per_head) and (
+    vis.mask is None or vis.mask.shape[1] == 1
+  )
+
+
+def _row_visible(p: Prepared):
+  """``[B, T, S]`` bool: the keys each query row sees, asked of one head."""
+  q_len, kv_len = p.q.shape[1], p.k.shape[1]
+  one = p.q[:, :, :1, :0], p.k[:, :, :1, :0]  # one head, no features
+  vis = p.vis.replace(head_index=p.vis.head_index[:1])
+
+  def head(q, k, v, bias, vis, seed):
+    visible = vis.elements(0, 0, q_len, kv_len)
+    return jnp.ones((q_len, kv_len), bool) if visible is None else visible
+
+  return map_heads(head, *one, one[1], None, vis, None, out_axis=0)[:, 0, 0]
+
+
 def _logits(p: Prepared, rows, k):
   """``[B, S, K, R]`` float32 logits (scale, soft-cap, bias, score_mod,
   hidden keys) of ``rows [B, K, R, D]`` (R = T·G, ordered (t, g)) against
@@ -65,6 +88,9 @@ def _logits(p: Prepared, rows, k):
     cap = jnp.float32(p.opts.soft_cap)
     logits = cap * jnp.tanh(logits / cap)
   per_head = logits.reshape(logits.shape[:3] + (q_len, -1))  # [B, S, K, T, G]
+  if _head_free(p):
+    visible = jnp.swapaxes(_row_visible(p), 1, 2)[:, :, None, :, None]
+    return _numerics.hide(per_head, visible).reshape(logits.shape)
   per_head = _per_head(p, jnp.transpose(per_head, (0, 2, 4, 3, 1)))  # [B, K, G, T, S]
   return jnp.transpose(per_head, (0, 4, 1, 3, 2)).reshape(logits.shape)
 

@@ -206,22 +206,33 @@ def attend(query, cache, start, num_new=None, **options):
 
 
 def _paged_attention(query, cache: PagedKVCache, options):
+  """Attention over a paged cache, a few pages at a time (about 1024 keys
+  per step, gathered from the pool), merged by log-sum-exp."""
   sinks = options.pop('sinks', None)
-  page = cache.page_size
+  page, max_pages = cache.page_size, cache.page_table.shape[1]
   rows = query.shape[1] * query.shape[2] // cache.key_pages.shape[2]  # T·G
   if options.get('implementation') is None and rows <= 64:
-    options['implementation'] = 'decode'  # pages are short: decode all the same
+    options['implementation'] = 'decode'  # few queries: decode at any length
+  per_step = max(1, min(max_pages, 1024 // page))
+  while max_pages % per_step:
+    per_step -= 1
+  span = per_step * page  # keys per step
 
-  def one_page(carry, index):
-    pages = cache.page_table[:, index]
-    valid = pages >= 0
+  def some_pages(carry, index):
+    pages = jax.lax.dynamic_slice_in_dim(
+      cache.page_table, index * per_step, per_step, 1
+    )
+    valid = pages >= 0  # [B, per_step]; the keys stop at the first hole
+    first_hole = jnp.where(valid.all(1), per_step, jnp.argmin(valid, axis=1))
+    seen = jnp.clip(cache.lengths - index * span, 0, span)
+    seen = jnp.minimum(seen, first_hole * page)
     pages = jnp.where(valid, pages, 0)
-    seen = jnp.where(valid, jnp.clip(cache.lengths - index * page, 0, page), 0)
+    gather = lambda pool: pool[pages].reshape((pages.shape[0], span) + pool.shape[2:])
     out, lse = dot_product_attention(
       query,
-      cache.key_pages[pages],
-      cache.value_pages[pages],
-      kv_offsets=jnp.full_like(cache.lengths, index * page),
+      gather(cache.key_pages),
+      gather(cache.value_pages),
+      kv_offsets=jnp.full_like(cache.lengths, index * span),
       key_value_seq_lengths=seen,
       return_residual=True,
       **options,
@@ -236,8 +247,8 @@ def _paged_attention(query, cache: PagedKVCache, options):
   )
   value_dim = cache.value_pages.shape[-1]
   init = (jnp.zeros(shape + (value_dim,), jnp.float32), *init)
-  pages = jnp.arange(cache.page_table.shape[1])
-  (out, _, _), _ = jax.lax.scan(one_page, init, pages)
+  steps = jnp.arange(max_pages // per_step)
+  (out, _, _), _ = jax.lax.scan(some_pages, init, steps)
   return out.astype(query.dtype)
 
 

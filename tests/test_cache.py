@@ -58,8 +58,7 @@ def run_steps(params, x, kind, chunks, shuffle_seed=None, **options):
 PREFILL_THEN_DECODE = [(0, 5)] + [(i, i + 1) for i in range(5, LENGTH)]
 
 
-@pytest.mark.parametrize('kind', ['dense', 'paged'])
-@pytest.mark.parametrize('sinks', [False, True])
+@pytest.mark.parametrize('kind, sinks', [('dense', False), ('paged', True)])
 def test_prefill_and_decode_equal_causal_attention_over_the_whole(kind, sinks):
   params, x = setup(sinks=sinks)
   full = jattn.multi_head_attention(params, x, is_causal=True)
@@ -126,7 +125,6 @@ def test_gradients_through_a_dense_cache_step():
 
 
 FEATURES = {
-  'plain': {},
   'causal at offsets': dict(is_causal=True, q_offsets=jnp.array([5, 30])),
   'lengths': dict(key_value_seq_lengths=jnp.array([0, 20])),
   'soft-cap and sinks': dict(

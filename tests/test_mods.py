@@ -39,8 +39,7 @@ def dense(mod, batch, heads, q_len, kv_len, q_offset=0, kv_offset=0):
   return np.asarray(flat).reshape(b.shape)
 
 
-FEATURES = {
-  'plain': {},
+FEATURES = {  # each with a mask_mod, a score_mod and sinks
   'causal': dict(is_causal=True),
   'lengths': dict(key_value_seq_lengths=jnp.array([0, 7])),
   'window': dict(local_window_size=(3, 2)),

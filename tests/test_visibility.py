@@ -98,7 +98,7 @@ def planned_states(vis, t, s, bq, bk):
   return states
 
 
-@hypothesis.settings(max_examples=20, deadline=None)
+@hypothesis.settings(max_examples=12, deadline=None)
 @hypothesis.given(
   t=st.integers(1, 40),
   s=st.integers(1, 40),
