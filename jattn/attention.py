@@ -134,7 +134,21 @@ def dot_product_attention(
   )
 
 
-@functools.partial(jax.jit, static_argnames=('opts', 'statics'))
+def attention_and_lse(query, key, value, **options):
+  """``dot_product_attention(query, key, value, return_residual=True,
+  **options)`` with the log-sum-exp in float32 whatever the dtype: for
+  callers that merge partial results over chunks of keys (paged caches)."""
+  options = dict(options, return_residual=True)
+  sinks, block_mask = options.pop('sinks', None), options.pop('block_mask', None)
+  mods = options.pop('mask_mod', None), options.pop('score_mod', None)
+  bias, mask = options.pop('bias', None), options.pop('mask', None)
+  arrays, opts = _prepare.split_arguments(options, strict=True)
+  statics, leaves = _prepare.split_mods(*mods)
+  args = (query, key, value, bias, mask, arrays, options.get('dropout_rng'), opts)
+  return _attention_jit(*args, sinks, leaves, block_mask, statics, float32_lse=True)
+
+
+@functools.partial(jax.jit, static_argnames=('opts', 'statics', 'float32_lse'))
 def _attention_jit(
   query,
   key,
@@ -148,18 +162,20 @@ def _attention_jit(
   leaves,
   block_mask,
   statics,
+  float32_lse=False,
 ):
   mods = _prepare.join_mods(statics, leaves, block_mask)
   p = _prepare.prepare(
     query, key, value, bias, mask, arrays, dropout_rng, opts, sinks, mods
   )
-  return run(p, _registry.select)
+  return run(p, _registry.select, float32_lse)
 
 
-def run(p: _prepare.Prepared, kernel_for):
+def run(p: _prepare.Prepared, kernel_for, float32_lse: bool = False):
   """The public result of the prepared call ``p`` with the kernel
   ``kernel_for(p)``: ``[B..., T, H, V]``, and the log-sum-exp ``[B..., T, H]``
-  with ``return_residual``. B, T or S of zero need no kernel: rows see no key."""
+  with ``return_residual`` (in the query's dtype, or float32 with
+  ``float32_lse``). B, T or S of zero need no kernel: rows see no key."""
   q_len, heads = p.q.shape[1:3]
   shape = p.batch_shape + (q_len, heads, p.v.shape[-1])
   if p.empty:
@@ -170,7 +186,7 @@ def run(p: _prepare.Prepared, kernel_for):
     out, lse = out.reshape(shape), lse.reshape(shape[:-1])
   if not p.opts.return_residual:
     return out
-  return out, lse.astype(p.q.dtype)
+  return out, lse.astype(jnp.float32 if float32_lse else p.q.dtype)
 
 
 def attention_weights(query, key, bias=None, mask=None, **options):

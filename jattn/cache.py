@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jattn import _checks, _numerics
 from jattn._options import as_int
-from jattn.attention import dot_product_attention
+from jattn.attention import attention_and_lse, dot_product_attention
 from jattn.multihead import _check_params, _project, _projections
 
 
@@ -205,15 +205,19 @@ def attend(query, cache, start, num_new=None, **options):
   return _paged_attention(query, cache, options)
 
 
+# Keys a paged cache's attention gathers per step (whole pages, at least one).
+KEYS_PER_STEP = 1024
+
+
 def _paged_attention(query, cache: PagedKVCache, options):
-  """Attention over a paged cache, a few pages at a time (about 1024 keys
-  per step, gathered from the pool), merged by log-sum-exp."""
+  """Attention over a paged cache, a few pages at a time (``KEYS_PER_STEP``
+  keys, gathered from the pool), merged by log-sum-exp."""
   sinks = options.pop('sinks', None)
   page, max_pages = cache.page_size, cache.page_table.shape[1]
   rows = query.shape[1] * query.shape[2] // cache.key_pages.shape[2]  # T·G
   if options.get('implementation') is None and rows <= 64:
     options['implementation'] = 'decode'  # few queries: decode at any length
-  per_step = max(1, min(max_pages, 1024 // page))
+  per_step = max(1, min(max_pages, KEYS_PER_STEP // page))
   while max_pages % per_step:
     per_step -= 1
   span = per_step * page  # keys per step
@@ -228,16 +232,14 @@ def _paged_attention(query, cache: PagedKVCache, options):
     seen = jnp.minimum(seen, first_hole * page)
     pages = jnp.where(valid, pages, 0)
     gather = lambda pool: pool[pages].reshape((pages.shape[0], span) + pool.shape[2:])
-    out, lse = dot_product_attention(
+    out, lse = attention_and_lse(
       query,
       gather(cache.key_pages),
       gather(cache.value_pages),
       kv_offsets=jnp.full_like(cache.lengths, index * span),
       key_value_seq_lengths=seen,
-      return_residual=True,
       **options,
     )
-    lse = lse.astype(jnp.float32)
     total = jnp.where(lse > -jnp.inf, 1.0, 0.0)
     return _numerics.merge(carry, (out, lse, total)), None
 
