@@ -66,16 +66,53 @@ class Mods(NamedTuple):
   block_mask: BlockMask | None = None
 
 
-def split_mods(mask_mod, score_mod):
-  """A call's user functions -> (their static parts, their array leaves), to
-  cross a jit boundary; ``join_mods`` is the inverse."""
-  parts = [split(mod) for mod in (mask_mod, score_mod)]
-  return tuple(s for s, _ in parts), tuple(leaves for _, leaves in parts)
+class Call(NamedTuple):
+  """A public call's arrays, as it was given: the dynamic argument of its
+  jit (a pytree; the user functions' arrays in ``mod_leaves``)."""
+
+  query: jnp.ndarray
+  key: jnp.ndarray
+  value: jnp.ndarray | None = None
+  bias: jnp.ndarray | None = None
+  mask: jnp.ndarray | None = None
+  arrays: SequenceArrays = SequenceArrays()
+  dropout_rng: jnp.ndarray | None = None
+  sinks: jnp.ndarray | None = None
+  mod_leaves: tuple = ((), ())
+  block_mask: BlockMask | None = None
 
 
-def join_mods(statics, leaves, block_mask) -> Mods:
-  mask_mod, score_mod = map(join, statics, leaves)
-  return Mods(mask_mod, score_mod, block_mask)
+_CALL_ARGUMENTS = ('query', 'key', 'value', 'bias', 'mask', 'sinks', 'block_mask')
+
+
+def split_call(arguments: dict, *, strict: bool = False):
+  """A public function's ``locals()`` (or, ``strict``, its arguments with
+  ``**options``, where an unknown name is a TypeError) -> ``(Call, Options,
+  statics)``: its arrays, its validated static options, and the static
+  parts of its user functions (``prepare_call`` joins them again)."""
+  arguments = dict(arguments)
+  given = {name: arguments.pop(name, None) for name in _CALL_ARGUMENTS}
+  mods = arguments.pop('mask_mod', None), arguments.pop('score_mod', None)
+  arrays, opts = split_arguments(arguments, strict=strict)
+  parts = [split(mod) for mod in mods]
+  statics, leaves = tuple(s for s, _ in parts), tuple(x for _, x in parts)
+  call = Call(
+    **{name: given[name] for name in _CALL_ARGUMENTS},
+    arrays=arrays,
+    dropout_rng=arguments.get('dropout_rng'),
+    mod_leaves=leaves,
+  )
+  return call, opts, statics
+
+
+def prepare_call(call: Call, opts: Options, statics) -> Prepared:
+  """``prepare`` of a ``split_call``'s parts, inside the jit."""
+  mask_mod, score_mod = map(join, statics, call.mod_leaves)
+  mods = Mods(mask_mod, score_mod, call.block_mask)
+  return prepare(
+    call.query, call.key, call.value, call.bias, call.mask, call.arrays,
+    call.dropout_rng, opts, call.sinks, mods,
+  )  # fmt: skip
 
 
 def split_arguments(

@@ -116,58 +116,22 @@ def dot_product_attention(
     pair ``(out, lse)``: ``lse [B..., T, H]`` in the query's dtype, without
     gradient (``-inf`` for rows with nothing to attend to).
   """
-  arrays, opts = _prepare.split_arguments(locals())
-  statics, leaves = _prepare.split_mods(mask_mod, score_mod)
-  return _attention_jit(
-    query,
-    key,
-    value,
-    bias,
-    mask,
-    arrays,
-    dropout_rng,
-    opts,
-    sinks,
-    leaves,
-    block_mask,
-    statics,
-  )
+  call, opts, statics = _prepare.split_call(locals())
+  return _attention_jit(call, opts, statics)
 
 
 def attention_and_lse(query, key, value, **options):
   """``dot_product_attention(query, key, value, return_residual=True,
   **options)`` with the log-sum-exp in float32 whatever the dtype: for
   callers that merge partial results over chunks of keys (paged caches)."""
-  options = dict(options, return_residual=True)
-  sinks, block_mask = options.pop('sinks', None), options.pop('block_mask', None)
-  mods = options.pop('mask_mod', None), options.pop('score_mod', None)
-  bias, mask = options.pop('bias', None), options.pop('mask', None)
-  arrays, opts = _prepare.split_arguments(options, strict=True)
-  statics, leaves = _prepare.split_mods(*mods)
-  args = (query, key, value, bias, mask, arrays, options.get('dropout_rng'), opts)
-  return _attention_jit(*args, sinks, leaves, block_mask, statics, float32_lse=True)
+  arguments = dict(options, query=query, key=key, value=value, return_residual=True)
+  call, opts, statics = _prepare.split_call(arguments, strict=True)
+  return _attention_jit(call, opts, statics, float32_lse=True)
 
 
 @functools.partial(jax.jit, static_argnames=('opts', 'statics', 'float32_lse'))
-def _attention_jit(
-  query,
-  key,
-  value,
-  bias,
-  mask,
-  arrays,
-  dropout_rng,
-  opts,
-  sinks,
-  leaves,
-  block_mask,
-  statics,
-  float32_lse=False,
-):
-  mods = _prepare.join_mods(statics, leaves, block_mask)
-  p = _prepare.prepare(
-    query, key, value, bias, mask, arrays, dropout_rng, opts, sinks, mods
-  )
+def _attention_jit(call, opts, statics, float32_lse=False):
+  p = _prepare.prepare_call(call, opts, statics)
   return run(p, _registry.select, float32_lse)
 
 
@@ -200,35 +164,15 @@ def attention_weights(query, key, bias=None, mask=None, **options):
   and rows with nothing to attend to are zero. Materialises ``[T, S]``: use
   it to inspect and plot, not inside a model.
   """
-  options = dict(options)
-  sinks, block_mask = options.pop('sinks', None), options.pop('block_mask', None)
-  mods = options.pop('mask_mod', None), options.pop('score_mod', None)
-  arrays, opts = _prepare.split_arguments(options, strict=True)
-  statics, leaves = _prepare.split_mods(*mods)
-  return _weights_jit(
-    query,
-    key,
-    bias,
-    mask,
-    arrays,
-    options.get('dropout_rng'),
-    opts,
-    sinks,
-    leaves,
-    block_mask,
-    statics,
-  )
+  arguments = dict(options, query=query, key=key, bias=bias, mask=mask)
+  call, opts, statics = _prepare.split_call(arguments, strict=True)
+  return _weights_jit(call, opts, statics)
 
 
 @functools.partial(jax.jit, static_argnames=('opts', 'statics'))
-def _weights_jit(
-  query, key, bias, mask, arrays, dropout_rng, opts, sinks, leaves, block_mask, statics
-):
-  mods = _prepare.join_mods(statics, leaves, block_mask)
-  p = _prepare.prepare(
-    query, key, None, bias, mask, arrays, dropout_rng, opts, sinks, mods
-  )
+def _weights_jit(call, opts, statics):
+  p = _prepare.prepare_call(call, opts, statics)
   if p.empty:
-    return jnp.zeros(p.batch_shape + (query.shape[-2], query.shape[-3], key.shape[-3]))
+    return jnp.zeros(p.batch_shape + (p.q.shape[2], p.q.shape[1], p.k.shape[1]))
   weights = _reference.weights(p)  # [B, H, T, S]
   return weights.reshape(p.batch_shape + weights.shape[1:])

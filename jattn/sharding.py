@@ -206,7 +206,7 @@ def ring_attention(
   ``block_mask``'s mask_mod is tested element by element in every step (its
   block states are for the whole sequence's blocks).
   """
-  arrays, opts = _prepare.split_arguments(locals())
+  call, opts, statics = _prepare.split_call(locals())
   if opts.implementation not in (None, 'flash'):
     raise ValueError(
       "`implementation` of ring_attention must be None or 'flash' (each ring "
@@ -214,46 +214,12 @@ def ring_attention(
     )
   if not isinstance(mesh, Mesh):
     raise TypeError(f'`mesh` must be a jax.sharding.Mesh; got {type(mesh).__name__}.')
-  statics, leaves = _prepare.split_mods(mask_mod, score_mod)
-  return _ring_jit(
-    query,
-    key,
-    value,
-    bias,
-    mask,
-    arrays,
-    dropout_rng,
-    opts,
-    sinks,
-    leaves,
-    block_mask,
-    mesh,
-    seq_axis,
-    statics,
-  )
+  return _ring_jit(call, opts, statics, mesh, seq_axis)
 
 
-@functools.partial(jax.jit, static_argnames=('opts', 'mesh', 'seq_axis', 'statics'))
-def _ring_jit(
-  query,
-  key,
-  value,
-  bias,
-  mask,
-  arrays,
-  dropout_rng,
-  opts,
-  sinks,
-  leaves,
-  block_mask,
-  mesh,
-  seq_axis,
-  statics,
-):
-  mods = _prepare.join_mods(statics, leaves, block_mask)
-  p = _prepare.prepare(
-    query, key, value, bias, mask, arrays, dropout_rng, opts, sinks, mods
-  )
+@functools.partial(jax.jit, static_argnames=('opts', 'statics', 'mesh', 'seq_axis'))
+def _ring_jit(call, opts, statics, mesh, seq_axis):
+  p = _prepare.prepare_call(call, opts, statics)
   ring = _ring.Ring(mesh, seq_axis=seq_axis, data_axis=DATA, model_axis=MODEL)
   reasons = ring.supports(p)
   if reasons:
