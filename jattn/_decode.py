@@ -3,10 +3,10 @@
 Each query row of a KV group goes through one pass over its KV head: the
 logits are a broadcast multiply-and-sum over ``k`` where it lies (``[B, S, K,
 D]``, read once for all G query heads that share it, never transposed or
-padded), the weighted sum likewise over ``v``; only the small ``[B, T, S, K,
-G]`` logits are reshaped. Split-KV (flash-decoding): with ``splits > 1`` the
-keys are cut into that many chunks (a free reshape), each chunk's partial
-result computed in parallel and the chunks merged by log-sum-exp
+padded), the weighted sum likewise over ``v``; only the small ``[B, S, K,
+T·G]`` logits are reshaped. Split-KV (flash-decoding): with ``splits > 1``
+the keys are cut into that many chunks, each chunk's partial result
+computed independently (in parallel) and the chunks merged by log-sum-exp
 (``_numerics.merge``). Masks, offsets, bias, soft-cap, ``score_mod``,
 ``mask_mod`` and sinks mean what they mean everywhere: the visibility value
 and the numerics module answer, per head. Plain JAX: differentiable by

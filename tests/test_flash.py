@@ -109,7 +109,7 @@ def test_default_implementation_is_flash_on_cpu():
   assert program(None) == program('flash') != program('reference')
 
 
-@hypothesis.settings(max_examples=4, deadline=None)
+@hypothesis.settings(max_examples=3, deadline=None)
 @hypothesis.given(
   q_len=st.integers(1, 40),
   kv_len=st.integers(1, 40),
