@@ -131,14 +131,13 @@ def test_gradients_through_a_dense_cache_step():
   )
 
 
-FEATURES = {
-  'causal at offsets, lengths': dict(
+FEATURES = {  # combined: suite time
+  'causal at offsets, lengths, soft-cap, sinks': dict(
     is_causal=True,
     q_offsets=jnp.array([5, 30]),
     key_value_seq_lengths=jnp.array([0, 20]),
-  ),
-  'soft-cap and sinks': dict(
-    logits_soft_cap=2.0, sinks=jnp.array([0.3, -1.0, 2.0, 0.0])
+    logits_soft_cap=2.0,
+    sinks=jnp.array([0.3, -1.0, 2.0, 0.0]),
   ),
   'mods and a bias': dict(
     score_mod=jattn.mods.alibi(jattn.mods.alibi_slopes(4)),

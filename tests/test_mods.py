@@ -39,13 +39,16 @@ def dense(mod, batch, heads, q_len, kv_len, q_offset=0, kv_offset=0):
   return np.asarray(flat).reshape(b.shape)
 
 
-FEATURES = {  # each with a mask_mod, a score_mod and sinks
-  'causal': dict(is_causal=True),
-  'lengths': dict(key_value_seq_lengths=jnp.array([0, 7])),
-  'window': dict(local_window_size=(3, 2)),
-  'dropout': dict(dropout_rate=0.3, dropout_rng=jax.random.key(5)),
-  'offsets': dict(
-    is_causal=True, q_offsets=jnp.array([4, 0]), kv_offsets=jnp.array([0, 2])
+FEATURES = {  # each with a mask_mod, a score_mod and sinks (combined: suite time)
+  'causal at offsets, dropout': dict(
+    is_causal=True,
+    q_offsets=jnp.array([4, 0]),
+    kv_offsets=jnp.array([0, 2]),
+    dropout_rate=0.3,
+    dropout_rng=jax.random.key(5),
+  ),
+  'lengths, window': dict(
+    key_value_seq_lengths=jnp.array([0, 7]), local_window_size=(3, 2)
   ),
 }
 

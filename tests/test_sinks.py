@@ -78,14 +78,16 @@ def test_sink_gradient_is_the_gradient_of_a_zero_valued_key():
   testing.assert_trees_close(grads, expected, jnp.float32, grads=True)
 
 
-FEATURES = {
-  'causal': dict(is_causal=True),
-  'empty rows': dict(key_value_seq_lengths=jnp.array([0, 5])),
+FEATURES = {  # combined: suite time
+  'causal at offsets': dict(is_causal=True, q_offsets=jnp.array([4, 0])),
+  'empty rows, dropout': dict(
+    key_value_seq_lengths=jnp.array([0, 5]),
+    dropout_rate=0.3,
+    dropout_rng=jax.random.key(5),
+  ),
   'window and segments': dict(
     local_window_size=(3, 2), q_segment_ids=jnp.repeat(jnp.arange(3), 5)[None, :13]
   ),
-  'dropout': dict(dropout_rate=0.3, dropout_rng=jax.random.key(5)),
-  'offsets': dict(is_causal=True, q_offsets=jnp.array([4, 0])),
 }
 
 
@@ -112,7 +114,7 @@ def test_flash_and_ring_match_the_reference(feature):
     return fn
 
   sinks = SINKS.at[3].set(-0.7)
-  ring = ('ring',) if feature == 'causal' else ()  # suite time (offsets: test_mods)
+  ring = ('ring',) if feature == 'causal at offsets' else ()  # suite time
   for implementation in ('flash', *ring):
     testing.assert_functions_agree(
       attend('reference'), attend(implementation), q, k, v, sinks, argnums=(0, 1, 2, 3)
