@@ -110,8 +110,8 @@ class MultiHeadAttention(nn.Module):
       raise ValueError('decode is self-attention: pass only `inputs_q`.')
     initialized = self.has_variable('cache', 'cached_key')
     dtype = multihead._compute_dtype(self.dtype, inputs_q, *jax.tree.leaves(params))
-    empty = lambda: cache.init_cache(
-      params, inputs_q.shape[0], inputs_q.shape[1], dtype
+    empty = functools.cache(  # built once, at init
+      lambda: cache.init_cache(params, inputs_q.shape[0], inputs_q.shape[1], dtype)
     )
     cached_key = self.variable('cache', 'cached_key', lambda: empty().key)
     cached_value = self.variable('cache', 'cached_value', lambda: empty().value)
