@@ -157,7 +157,7 @@ def decode_attention(p: Prepared, splits: int):
   out = out.reshape(batch, num_kv, q_len, groups, -1)
   out = jnp.moveaxis(out, 2, 1).reshape(batch, q_len, heads, -1)
   lse = jnp.moveaxis(lse, 2, 1).reshape(batch, q_len, heads)
-  return out.astype(p.q.dtype), jax.lax.stop_gradient(lse)
+  return out.astype(p.q.dtype), lse
 
 
 def split_count(kv_len: int, backend: str) -> int:
@@ -173,6 +173,7 @@ class Decode:
   """The kernel contract (see ``_registry``): few query rows per KV head."""
 
   name = 'decode'
+  lse_gradient = True
 
   def supports(self, p: Prepared) -> list[str]:
     reasons = []

@@ -131,24 +131,37 @@ def head_forward(
     return _numerics.normalize(acc, total).astype(q.dtype), (m, total)
 
   plan = vis.block_plan(bq, bk, geo.nq, geo.nk)
-  out, stats = lax.map(query_block, (jnp.arange(geo.nq), *plan.kv))
+  out, stats = lax.map(query_block, (jnp.arange(geo.nq, dtype=jnp.int32), *plan.kv))
   out = out.reshape(-1, out.shape[-1])[: geo.q_len]
   return out, jax.tree.map(lambda x: x.reshape(-1)[: geo.q_len], stats)
 
 
 def head_backward(
-  opts, blocks, score_mod, q, k, v, bias, vis: Visibility, seed, out, stats, d_out
+  opts,
+  blocks,
+  score_mod,
+  q,
+  k,
+  v,
+  bias,
+  vis: Visibility,
+  seed,
+  out,
+  stats,
+  d_out,
+  d_lse=None,
 ):
   """Gradients ``(dq [T,D], dk [S,D], dv [S,V], dbias [T|1,S|1] or None,
   d score_mod params or None)``.
 
   ``out`` and ``stats = (m [T], total [T])`` are the final forward results for
-  these rows (over all keys, when a ring splits the keys into chunks).
+  these rows (over all keys, when a ring splits the keys into chunks);
+  ``d_lse [T]`` the cotangent of the rows' log-sum-exp, if any.
   """
   geo = _Blocks(*blocks, q.shape[0], k.shape[0])
   bq, bk = blocks
   bias_shape = None if bias is None else bias.shape
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = _numerics.delta(out, d_out, d_lse)
   # The weights are exp(s - m) / total: fold 1 / total into the rows of d_out
   # and delta once, so each block uses exp(s - m) (exact for huge logits).
   m, total = stats
@@ -223,7 +236,7 @@ def head_backward(
     )
   plan = vis.block_plan(bq, bk, geo.nq, geo.nk)
   (dq, dbias, d_params), (dk, dv) = lax.scan(
-    key_block, (dq0, dbias0, d_params0), (jnp.arange(geo.nk), *plan.q)
+    key_block, (dq0, dbias0, d_params0), (jnp.arange(geo.nk, dtype=jnp.int32), *plan.q)
   )
   dk = dk.reshape(-1, dk.shape[-1])[: geo.kv_len]
   dv = dv.reshape(-1, dv.shape[-1])[: geo.kv_len]
@@ -238,7 +251,9 @@ def _accumulate_bias_grad(dbias, ds, r0, c0):
   rows, cols = dbias.shape
   db = ds if rows > 1 else ds.sum(axis=0, keepdims=True)
   db = db if cols > 1 else db.sum(axis=1, keepdims=True)
-  start = (r0 if rows > 1 else 0, c0 if cols > 1 else 0)
+  start = [
+    jnp.asarray(i if n > 1 else 0, jnp.int32) for i, n in ((r0, rows), (c0, cols))
+  ]
   return lax.dynamic_update_slice(
     dbias, lax.dynamic_slice(dbias, start, db.shape) + db, start
   )
@@ -266,13 +281,14 @@ def _reduce_bias_grad(dbias, bias):
   return dbias.astype(bias.dtype)
 
 
-def sinks_grad(sinks, stats, out, d_out):
+def sinks_grad(sinks, stats, out, d_out, d_lse=None):
   """d loss / d sinks ``[H]`` from the per-head ``stats`` ``[B, K, G, T]``,
-  ``out`` and ``d_out`` ``[B, K, G, T, V]``; None without sinks."""
+  ``out`` and ``d_out`` ``[B, K, G, T, V]`` (and ``d_lse [B, K, G, T]``);
+  None without sinks."""
   if sinks is None:
     return None
   grouped = sinks.reshape(stats[0].shape[1], -1)[None, :, :, None]
-  rows = _numerics.sink_grad(grouped, *stats, out, d_out)
+  rows = _numerics.sink_grad(grouped, *stats, _numerics.delta(out, d_out, d_lse))
   return rows.sum(axis=(0, 3)).reshape(sinks.shape)
 
 
@@ -314,10 +330,11 @@ def _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks, score
 
 
 def _flash_backward(opts, blocks, in_turn, residuals, cotangents):
-  d_out, _ = cotangents  # the log-sum-exp is returned without a gradient
+  d_out, d_lse = cotangents
   q, k, v, bias, vis, seed, sinks, score_mod, out, stats = residuals
   head = functools.partial(head_backward, opts, blocks, score_mod)
-  per_head = (out, stats, heads_grouped(d_out, k.shape[2]))
+  d_lse = heads_grouped(d_lse[..., None], k.shape[2])[..., 0]  # [B, K, G, T]
+  per_head = (out, stats, heads_grouped(d_out, k.shape[2]), d_lse)
   dq, dk, dv, dbias, d_params = map_heads(
     head,
     q,
@@ -340,7 +357,7 @@ def _flash_backward(opts, blocks, in_turn, residuals, cotangents):
     dbias,
     None,
     None,
-    sinks_grad(sinks, stats, out, per_head[2]),
+    sinks_grad(sinks, stats, out, *per_head[2:]),
     score_mod_grad(score_mod, d_params),
   )
 
@@ -352,6 +369,7 @@ class Flash:
   """The kernel contract (see ``_registry``): takes every call."""
 
   name = 'flash'
+  lse_gradient = True
 
   def supports(self, p: Prepared) -> list[str]:
     return []
@@ -366,7 +384,7 @@ class Flash:
     out, lse = _flash(
       opts, blocks, in_turn, q, p.k, p.v, p.bias, p.vis, p.seed, p.sinks, p.score_mod
     )
-    return out, lax.stop_gradient(lse)
+    return out, lse
 
 
 def rows_in_turn(p: Prepared, blocks) -> bool:

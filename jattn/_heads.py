@@ -102,7 +102,9 @@ def map_heads(
   args = (q, k, v, bias, vis, seed, tuple(per_head))
   if not rows_in_turn:
     return jax.vmap(over_kv, in_axes=in_axes, out_axes=0)(*args)
-  return lax.map(lambda b: over_kv(*_row(in_axes, args, b)), jnp.arange(batch))
+  return lax.map(
+    lambda b: over_kv(*_row(in_axes, args, b)), jnp.arange(batch, dtype=jnp.int32)
+  )
 
 
 def _row(in_axes, args, index):

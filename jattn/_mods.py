@@ -19,13 +19,16 @@ operands (``split``/``join``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
+from jax.extend.core import ClosedJaxpr, Var, jaxpr_as_fun
 
 from jattn._visibility import HIDDEN
 
@@ -37,12 +40,66 @@ SIGNATURES = {
 _RESULT = {'mask_mod': jnp.dtype(bool), 'score_mod': jnp.dtype(jnp.float32)}
 
 
+# What JAX raises when a function needs a concrete value of a traced one.
+_CONCRETE_VALUE_ERRORS = (
+  jax.errors.ConcretizationTypeError,
+  jax.errors.TracerIntegerConversionError,
+  jax.errors.TracerArrayConversionError,
+)
+
+
+class CallDims(NamedTuple):
+  """The sizes of the call a mod is traced for: flat batch rows, query
+  heads, query rows and key columns."""
+
+  batch: int
+  heads: int
+  q_size: int
+  kv_size: int
+
+
+_CALL_DIMS = contextvars.ContextVar('jattn_call_dims', default=None)
+
+
+def call_dims() -> CallDims | None:
+  """The dims of the call whose mod is being traced (None outside a
+  trace): ready mods check their arrays against them."""
+  return _CALL_DIMS.get()
+
+
+@contextlib.contextmanager
+def _tracing_for(dims: CallDims | None):
+  token = _CALL_DIMS.set(dims)
+  try:
+    yield
+  finally:
+    _CALL_DIMS.reset(token)
+
+
+class _ByIdentity:
+  """A static callable that is not hashable (a dataclass instance with
+  ``__call__``), hashed and compared by identity, as functions are."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __hash__(self):
+    return id(self.fn)
+
+  def __eq__(self, other):
+    return isinstance(other, _ByIdentity) and other.fn is self.fn
+
+
 def split(fn):
   """``fn`` -> ``(static, leaves)``: a ``Partial``'s arrays travel as jit
   operands; any other callable (or None) is static."""
   if isinstance(fn, jax.tree_util.Partial):
     leaves, treedef = jax.tree.flatten(fn)
     return treedef, tuple(leaves)
+  try:
+    hash(fn)
+  except TypeError:
+    return _ByIdentity(fn), ()
   return fn, ()
 
 
@@ -50,7 +107,20 @@ def join(static, leaves):
   """The inverse of ``split``."""
   if isinstance(static, jax.tree_util.PyTreeDef):
     return jax.tree.unflatten(static, leaves)
+  if isinstance(static, _ByIdentity):
+    return static.fn
   return static
+
+
+def same_function(a, b) -> bool:
+  """Whether two mods are one function over the very same arrays (a
+  ``Partial`` rebuilt over other arrays is another mod)."""
+  (static_a, leaves_a), (static_b, leaves_b) = split(a), split(b)
+  return (
+    static_a == static_b
+    and len(leaves_a) == len(leaves_b)
+    and all(x is y for x, y in zip(leaves_a, leaves_b, strict=True))
+  )
 
 
 @functools.partial(
@@ -70,8 +140,9 @@ class Mod:
   fixed: tuple
 
   @classmethod
-  def trace(cls, fn, name: str) -> Mod:
-    """Check and trace ``fn`` (``name`` is 'mask_mod' or 'score_mod')."""
+  def trace(cls, fn, name: str, dims: CallDims | None = None) -> Mod:
+    """Check and trace ``fn`` (``name`` is 'mask_mod' or 'score_mod') for
+    a call of ``dims``."""
     arguments = SIGNATURES[name]
     if not callable(fn):
       raise TypeError(f'`{name}` must be callable; got {type(fn).__name__}.')
@@ -79,7 +150,16 @@ class Mod:
     example = [jnp.zeros((), jnp.int32)] * len(arguments)
     if name == 'score_mod':
       example[0] = jnp.zeros((), jnp.float32)
-    closed = jax.make_jaxpr(fn)(*example)
+    try:
+      with _tracing_for(dims):
+        closed = jax.make_jaxpr(fn)(*example)
+    except _CONCRETE_VALUE_ERRORS as error:
+      raise TypeError(
+        f'`{name}` must be written with jnp operations on its traced scalar '
+        f'arguments ({", ".join(arguments)}): a Python `if`, `bool()`, '
+        '`int()` or `float()` of one cannot run inside a jit. Use '
+        f'`jnp.where` or `jax.lax.cond` instead. ({type(error).__name__})'
+      ) from error
     _check_result(closed.out_avals, name)
     consts = list(closed.consts)
     is_param = tuple(_is_float(c) for c in consts)
@@ -92,6 +172,16 @@ class Mod:
     consts = [next(params) if p else next(fixed) for p in self.is_param]
     (out,) = jaxpr_as_fun(ClosedJaxpr(self.jaxpr, consts))(*scalars)
     return out
+
+  def depends_on(self, argument: str) -> bool:
+    """Whether the result can change with ``argument`` ('b', 'h', ...):
+    the argument reaches the output through the traced operations."""
+    var = self.jaxpr.invars[SIGNATURES[self.name].index(argument)]
+    live = {v for v in self.jaxpr.outvars if isinstance(v, Var)}
+    for eqn in reversed(self.jaxpr.eqns):
+      if any(v in live for v in eqn.outvars):
+        live.update(v for v in eqn.invars if isinstance(v, Var))
+    return var in live
 
   def with_params(self, params) -> Mod:
     return dataclasses.replace(self, params=tuple(params))

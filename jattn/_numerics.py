@@ -81,6 +81,15 @@ def softmax(logits, visible=None):
   return unnormalized / jnp.where(total > 0, total, 1.0)
 
 
+def sink_logits(sinks):
+  """``sinks [H]`` as float32 logits with ``+inf`` made the largest finite
+  float: a sink that takes every weight (outputs and gradients zero), not a
+  NaN. None stays None."""
+  if sinks is None:
+    return None
+  return jnp.minimum(sinks.astype(jnp.float32), jnp.finfo(jnp.float32).max)
+
+
 def initial_stats(rows, sink=None):
   """``(m, total)`` of rows (a count or a shape) that have seen nothing yet,
   or only the attention sink: a key with logit ``sink`` (broadcast to the
@@ -92,12 +101,19 @@ def initial_stats(rows, sink=None):
   return m, jnp.where(m > -jnp.inf, 1.0, 0.0).astype(jnp.float32)
 
 
-def sink_grad(sink, m, total, out, d_out):
-  """Each row's share of d loss / d sink: ``-weight · (d_out · out)``, where
-  ``weight = exp(sink - lse)`` is the sink's softmax weight, from the rows'
-  final statistics (sink included). Broadcasts: ``sink`` against ``m``,
-  ``total`` ``[..., t]``; ``out``, ``d_out`` ``[..., t, V]``."""
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+def delta(out, d_out, d_lse=None):
+  """``[..., t]``: each row's ``d_out · out - d_lse``, what the backward
+  subtracts from ``d_out · v`` (softmax's Jacobian; a row's log-sum-exp
+  moves with every weight, by the weight)."""
+  rows = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  return rows if d_lse is None else rows - d_lse.astype(jnp.float32)
+
+
+def sink_grad(sink, m, total, delta):
+  """Each row's share of d loss / d sink: ``-weight · delta`` (``delta``
+  above), where ``weight = exp(sink - lse)`` is the sink's softmax weight,
+  from the rows' final statistics (sink included). Broadcasts: ``sink``
+  against ``m``, ``total`` and ``delta`` ``[..., t]``."""
   weight = jnp.where(total > 0, jnp.exp(sink - finite_or_zero(m)), 0.0)
   return -weight * delta / jnp.where(total > 0, total, 1.0)
 

@@ -92,7 +92,7 @@ def normalize_window(local_window_size) -> tuple[int, int] | None:
   return size, size
 
 
-def _block_sizes(block_sizes) -> tuple[int, int] | None:
+def check_block_sizes(block_sizes) -> tuple[int, int] | None:
   if block_sizes is None:
     return None
   if not isinstance(block_sizes, (tuple, list)) or len(block_sizes) != 2:
@@ -168,6 +168,6 @@ def make_options(
     soft_cap=logits_soft_cap,
     dropout_rate=dropout_rate if applied else 0.0,
     implementation=implementation,
-    block_sizes=_block_sizes(block_sizes),
+    block_sizes=check_block_sizes(block_sizes),
     return_residual=as_bool(return_residual, 'return_residual'),
   )

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn import _checks
-from jattn._mods import BlockMask, Mod, join, split
+from jattn import _checks, _numerics
+from jattn._mods import BlockMask, CallDims, Mod, join, same_function, split
 from jattn._options import Options, make_options
 from jattn._visibility import Visibility
 
@@ -93,6 +93,17 @@ def split_call(arguments: dict, *, strict: bool = False):
   arguments = dict(arguments)
   given = {name: arguments.pop(name, None) for name in _CALL_ARGUMENTS}
   mods = arguments.pop('mask_mod', None), arguments.pop('score_mod', None)
+  block_mask = given['block_mask']
+  if mods[0] is not None and isinstance(block_mask, BlockMask):
+    # Checked here, on the caller's arrays: inside the jit every array is a
+    # new tracer and two mods could only be told apart by their code.
+    if not same_function(mods[0], block_mask.mask_mod):
+      raise ValueError(
+        '`mask_mod` and `block_mask` were both given with different mods (or '
+        'one mod over different arrays); the block mask carries its own '
+        'mask_mod: pass only `block_mask`.'
+      )
+    mods = None, mods[1]
   arrays, opts = split_arguments(arguments, strict=strict)
   parts = [split(mod) for mod in mods]
   statics, leaves = tuple(s for s, _ in parts), tuple(x for _, x in parts)
@@ -291,42 +302,58 @@ def prepare(
     batch_index=jnp.arange(batch, dtype=jnp.int32),
     head_index=jnp.arange(heads, dtype=jnp.int32),
   )
-  mask_mod, mod_blocks, opts = _block_mask(mods, opts, batch, heads, q_len, kv_len)
-  vis = vis.replace(
-    q_size=q_len,
-    mask_mod=None if mask_mod is None else Mod.trace(mask_mod, 'mask_mod'),
-    mod_blocks=mod_blocks,
-  )
+  dims = CallDims(batch, heads, q_len, kv_len)
+  mask_mod, mod_blocks, opts = _block_mask(mods, opts, dims)
+  if mask_mod is not None:
+    mask_mod = Mod.trace(mask_mod, 'mask_mod', dims)
+    if mod_blocks is not None:
+      _check_broadcast_mod(mask_mod, mods.block_mask, dims)
+  if arrays.q_offsets is not None or arrays.kv_offsets is not None:
+    # The block states hold for positions 0..T-1 and 0..S-1: at other
+    # positions the mod is tested element by element (same mask, no skips).
+    mod_blocks = None
+  vis = vis.replace(q_size=q_len, mask_mod=mask_mod, mod_blocks=mod_blocks)
   score_mod = None
   if mods.score_mod is not None:
-    score_mod = Mod.trace(mods.score_mod, 'score_mod')
+    score_mod = Mod.trace(mods.score_mod, 'score_mod', dims)
   empty = batch == 0 or q_len == 0 or kv_len == 0
   if sinks is not None:
     _checks.check_array(sinks, 'sinks', min_rank=1, layout='[H]')
     _checks.check_floating(sinks, 'sinks')
     _checks.check_shape(sinks, 'sinks', (heads,), '[H] (one logit per query head)')
-    sinks = sinks.astype(jnp.float32)
+    sinks = _numerics.sink_logits(sinks)
   backend = jax.default_backend()
   return Prepared(
     q, k, v, bias, vis, seed, opts, batch_shape, empty, backend, sinks, score_mod
   )
 
 
-def _block_mask(mods: Mods, opts: Options, batch, heads, q_len, kv_len):
+def _check_broadcast_mod(mask_mod: Mod, block_mask: BlockMask, dims: CallDims):
+  """A block mask built for one batch row (or head) serves them all only
+  if its mod does not depend on ``b`` (or ``h``)."""
+  for argument, built, size, what in (
+    ('b', block_mask.shape[0], dims.batch, 'B'),
+    ('h', block_mask.shape[1], dims.heads, 'H'),
+  ):
+    if built == 1 < size and mask_mod.depends_on(argument):
+      raise ValueError(
+        f'`block_mask` was built for {what}=1 but its mask_mod depends on '
+        f'`{argument}` and this call has {what}={size}: build it with '
+        f'{what}={size}.'
+      )
+
+
+def _block_mask(mods: Mods, opts: Options, dims: CallDims):
   """``(mask_mod, states [B|1, H|1, nq, nk] or None, opts)``: the block
   mask checked against the call; its block sizes become the call's."""
   block_mask, mask_mod = mods.block_mask, mods.mask_mod
+  batch, heads, q_len, kv_len = dims
   if block_mask is None:
     return mask_mod, None, opts
   if not isinstance(block_mask, BlockMask):
     raise TypeError(
       '`block_mask` must be a jattn.BlockMask (from jattn.create_block_mask); '
       f'got {type(block_mask).__name__}.'
-    )
-  if mask_mod is not None and split(mask_mod)[0] != split(block_mask.mask_mod)[0]:
-    raise ValueError(
-      '`mask_mod` and `block_mask` were both given with different functions; '
-      'the block mask carries its own mask_mod: pass only `block_mask`.'
     )
   b, h, t, s = block_mask.shape
   if (t, s) != (q_len, kv_len) or b not in (1, batch) or h not in (1, heads):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from jattn import _mods, _numerics
@@ -58,7 +57,7 @@ def head_attention(opts, score_mod, q, k, v, bias, vis, seed, sink=None):
   out = jnp.einsum('ts,sv->tv', weights, v.astype(jnp.float32))
   m = jnp.max(logits, axis=-1)
   total = _numerics.unnormalized(logits, m).sum(axis=-1)
-  return out.astype(q.dtype), jax.lax.stop_gradient(_numerics.log_sum_exp(m, total))
+  return out.astype(q.dtype), _numerics.log_sum_exp(m, total)
 
 
 def weights(p: Prepared):
@@ -82,6 +81,7 @@ class Reference:
   """The kernel contract (see ``_registry``): takes every call."""
 
   name = 'reference'
+  lse_gradient = True
 
   def supports(self, p: Prepared) -> list[str]:
     return []

@@ -35,15 +35,29 @@ def _takes(kernel, p: Prepared) -> bool:
   return not kernel.supports(p) and preferred(p)
 
 
-def select(p: Prepared):
-  """The kernel for ``p`` (``p.opts.implementation`` None: automatic)."""
+def _reasons(kernel, p: Prepared, lse_gradient: bool) -> list[str]:
+  reasons = kernel.supports(p)
+  if lse_gradient and not getattr(kernel, 'lse_gradient', False):
+    reasons = [*reasons, 'a log-sum-exp with a gradient (it returns none)']
+  return reasons
+
+
+def select(p: Prepared, *, lse_gradient: bool = False):
+  """The kernel for ``p`` (``p.opts.implementation`` None: automatic);
+  ``lse_gradient``: one whose log-sum-exp is differentiable."""
   name = p.opts.implementation
   if name is None:
     order = AUTO.get(p.backend, ('flash',))
-    return next(KERNELS[n] for n in order if _takes(KERNELS[n], p))
-  reasons = KERNELS[name].supports(p)
+    return next(
+      KERNELS[n]
+      for n in order
+      if not _reasons(KERNELS[n], p, lse_gradient) and _takes(KERNELS[n], p)
+    )
+  reasons = _reasons(KERNELS[name], p, lse_gradient)
   if reasons:
-    others = [n for n, k in KERNELS.items() if n != name and not k.supports(p)]
+    others = [
+      n for n, k in KERNELS.items() if n != name and not _reasons(k, p, lse_gradient)
+    ]
     raise ValueError(
       f'implementation={name!r} cannot take this call: {"; ".join(reasons)}. '
       f'These can: {others} (or None for the automatic choice).'

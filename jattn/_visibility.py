@@ -172,8 +172,8 @@ class Visibility:
     """Rows ``[rows]`` and columns ``[cols]`` of the sequence that a block at
     local ``(r0, c0)`` covers."""
     return (
-      self._q_first + r0 + jnp.arange(rows),
-      self._kv_first + c0 + jnp.arange(cols),
+      self._q_first + r0 + jnp.arange(rows, dtype=jnp.int32),
+      self._kv_first + c0 + jnp.arange(cols, dtype=jnp.int32),
     )
 
   def mod_indices(self, r0, c0, rows: int, cols: int):
@@ -267,8 +267,8 @@ class Visibility:
     ``i·bq ...`` and columns ``j·bk ...`` is ``HIDDEN`` (no visible element),
     ``FULL`` (every element visible) or ``PARTIAL``. Arrays must cover the
     ``nq·bq`` rows and ``nk·bk`` columns (``pad``)."""
-    first = self._q_first + jnp.arange(nq) * bq
-    col_first = (self._kv_first + jnp.arange(nk) * bk)[None, :]
+    first = self._q_first + jnp.arange(nq, dtype=jnp.int32) * bq
+    col_first = (self._kv_first + jnp.arange(nk, dtype=jnp.int32) * bk)[None, :]
     col_last = col_first + bk - 1
     some = every = jnp.ones((nq, nk), bool)
     intervals = self._intervals(first, first + bq - 1)
@@ -412,8 +412,9 @@ def logits_block(x, r0, c0, rows: int, cols: int):
   if x is None:
     return None
   t, s = x.shape
+  start = [jnp.asarray(i if n > 1 else 0, jnp.int32) for i, n in ((r0, t), (c0, s))]
   return lax.dynamic_slice(
     x,
-    (r0 if t > 1 else 0, c0 if s > 1 else 0),
+    start,
     (rows if t > 1 else 1, cols if s > 1 else 1),
   )

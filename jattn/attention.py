@@ -122,24 +122,29 @@ def dot_product_attention(
 
 def attention_and_lse(query, key, value, **options):
   """``dot_product_attention(query, key, value, return_residual=True,
-  **options)`` with the log-sum-exp in float32 whatever the dtype: for
-  callers that merge partial results over chunks of keys (paged caches)."""
+  **options)`` with the log-sum-exp in float32 whatever the dtype, and
+  differentiable: for callers that merge partial results over chunks of
+  keys (paged caches), whose gradients flow through the merge's weights.
+  Only kernels whose log-sum-exp has a gradient take it (flash, reference,
+  decode)."""
   arguments = dict(options, query=query, key=key, value=value, return_residual=True)
   call, opts, statics = _prepare.split_call(arguments, strict=True)
-  return _attention_jit(call, opts, statics, float32_lse=True)
+  return _attention_jit(call, opts, statics, lse_gradient=True)
 
 
-@functools.partial(jax.jit, static_argnames=('opts', 'statics', 'float32_lse'))
-def _attention_jit(call, opts, statics, float32_lse=False):
+@functools.partial(jax.jit, static_argnames=('opts', 'statics', 'lse_gradient'))
+def _attention_jit(call, opts, statics, lse_gradient=False):
   p = _prepare.prepare_call(call, opts, statics)
-  return run(p, _registry.select, float32_lse)
+  kernel_for = functools.partial(_registry.select, lse_gradient=lse_gradient)
+  return run(p, kernel_for, lse_gradient)
 
 
-def run(p: _prepare.Prepared, kernel_for, float32_lse: bool = False):
+def run(p: _prepare.Prepared, kernel_for, lse_gradient: bool = False):
   """The public result of the prepared call ``p`` with the kernel
   ``kernel_for(p)``: ``[B..., T, H, V]``, and the log-sum-exp ``[B..., T, H]``
-  with ``return_residual`` (in the query's dtype, or float32 with
-  ``float32_lse``). B, T or S of zero need no kernel: rows see no key."""
+  with ``return_residual`` (in the query's dtype without a gradient, or with
+  ``lse_gradient`` float32 with its gradient). B, T or S of zero need no
+  kernel: rows see no key."""
   q_len, heads = p.q.shape[1:3]
   shape = p.batch_shape + (q_len, heads, p.v.shape[-1])
   if p.empty:
@@ -150,7 +155,9 @@ def run(p: _prepare.Prepared, kernel_for, float32_lse: bool = False):
     out, lse = out.reshape(shape), lse.reshape(shape[:-1])
   if not p.opts.return_residual:
     return out
-  return out, lse.astype(jnp.float32 if float32_lse else p.q.dtype)
+  if lse_gradient:
+    return out, lse.astype(jnp.float32)
+  return out, jax.lax.stop_gradient(lse).astype(p.q.dtype)
 
 
 def attention_weights(query, key, bias=None, mask=None, **options):

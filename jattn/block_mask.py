@@ -12,21 +12,24 @@ from jax import lax
 from jattn import _mods
 from jattn._flash import block_sizes as default_block_sizes
 from jattn._mods import BlockMask
-from jattn._options import as_int
+from jattn._options import as_int, check_block_sizes
 from jattn._visibility import FULL, HIDDEN, PARTIAL, Visibility
 
 
 def create_block_mask(mask_mod, B, H, T, S, *, block_sizes=None) -> BlockMask:
   """The block mask of ``mask_mod(b, h, q_idx, kv_idx) -> bool`` over
   ``B`` (flat batch rows; None: 1, the mod must not depend on ``b``) x
-  ``H`` (query heads; None: 1) x ``T`` queries x ``S`` keys.
+  ``H`` (query heads; None: 1, the mod must not depend on ``h``) x ``T``
+  queries x ``S`` keys (a ValueError says so when it does).
 
   Each (query block, key block) of ``block_sizes`` (default: flash's for
   this backend and these lengths) is hidden, full or partial; flash then
   skips the hidden blocks and tests elements only in the partial ones. Pass
   it as ``block_mask=`` to ``jattn.dot_product_attention``, the multi-head
   functions or the wrappers; build it once and use it in every layer.
-  Positions are ``0..T-1`` and ``0..S-1`` (no offsets). The mod is
+  Positions are ``0..T-1`` and ``0..S-1``: a call with ``q_offsets`` or
+  ``kv_offsets`` (a cache step) tests the mod element by element instead of
+  using the states (the same mask, without the skipping). The mod is
   evaluated one ``[block, S]`` slab at a time (never ``[T, S]``); inside a
   ``jax.jit`` it may close over runtime arrays (document ids).
 
@@ -36,12 +39,19 @@ def create_block_mask(mask_mod, B, H, T, S, *, block_sizes=None) -> BlockMask:
     block_mask = jattn.create_block_mask(causal, None, None, 4096, 4096)
     out = jattn.dot_product_attention(q, k, v, block_mask=block_mask)
   """
+  shared = [name for name, n in (('b', B), ('h', H)) if n is None]
   B = 1 if B is None else as_int(B, 'B', minimum=1)
   H = 1 if H is None else as_int(H, 'H', minimum=1)
   T, S = as_int(T, 'T', minimum=1), as_int(S, 'S', minimum=1)
-  if block_sizes is not None:
-    block_sizes = tuple(as_int(b, 'block_sizes', minimum=1) for b in block_sizes)
-  blocks = default_block_sizes(T, S, block_sizes)
+  blocks = default_block_sizes(T, S, check_block_sizes(block_sizes))
+  mod = _mods.Mod.trace(mask_mod, 'mask_mod', _mods.CallDims(B, H, T, S))
+  for argument in shared:
+    if mod.depends_on(argument):
+      size = 'B' if argument == 'b' else 'H'
+      raise ValueError(
+        f'the mask_mod depends on `{argument}`, so its block mask needs '
+        f'{size}: pass {size} (not None).'
+      )
   static, leaves = _mods.split(mask_mod)
   states = _states(leaves, static, (B, H, T, S), blocks)
   return BlockMask(states, mask_mod, (B, H, T, S), blocks)
@@ -50,7 +60,7 @@ def create_block_mask(mask_mod, B, H, T, S, *, block_sizes=None) -> BlockMask:
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _states(leaves, static, shape, blocks):
   """``[B, H, nq, nk]`` int8 states, one query block (of every key) at a time."""
-  mod = _mods.Mod.trace(_mods.join(static, leaves), 'mask_mod')
+  mod = _mods.Mod.trace(_mods.join(static, leaves), 'mask_mod', _mods.CallDims(*shape))
   B, H, T, S = shape
   bq, bk = blocks
   nq, nk = -(-T // bq), -(-S // bk)

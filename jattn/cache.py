@@ -13,11 +13,27 @@ per-sequence offsets, so window, chunk, sinks, ``mask_mod`` and
     out, cache = step(params, prompt, cache)          # prefill, [B, T, E]
     out, cache = step(params, next_token, cache)      # decode, [B, 1, E]
 
-Writes never leave the cache: a token past the capacity (or, paged, past
-the page table or to a page outside the pool) is dropped (a scatter with
-``mode='drop'``), ``lengths`` stops at the capacity, and its query row still
-attends to the stored keys. Check ``lengths + T <= capacity`` in the loop
-that calls the step where that matters.
+Isolation: a sequence reads only what its own writes stored, and no write
+changes what another sequence reads.
+
+- ``lengths [B]`` says what is stored: the positions ``0..lengths-1``. A
+  step advances it by the new tokens it could store, up to the first it
+  could not: past the capacity, or (paged) to a page-table slot of -1, to an
+  entry outside the pool, or to a shared page. Those tokens and the ones
+  after them are dropped (never written anywhere), and their query rows
+  attend to what is stored. Compare ``lengths`` with what you wrote to see
+  a drop (``check_cache`` checks a cache's values eagerly).
+- Paged: a sequence reads its table's pages up to its length, and stops at
+  the first entry that is not a pool page. A page held by more than one
+  table entry is *shared* and read-only: every table holding it reads it
+  (a common prefix, written before it was shared), no step writes to it.
+  To share a prefix, point another sequence's table at the full pages of
+  the prefix and set its length; each sequence then writes to pages of its
+  own. ``allocate_pages`` hands out only pages no table holds.
+
+Under ``jax.jit`` values cannot raise: a ``num_new`` outside ``[0, T]`` or
+lengths outside ``[0, capacity]`` are clipped there; called eagerly, the
+step checks them and raises.
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jattn import _checks, _numerics
 from jattn._options import as_int
@@ -74,6 +91,10 @@ class PagedKVCache:
     return self.key_pages.shape[1]
 
   @property
+  def num_pages(self) -> int:
+    return self.key_pages.shape[0]
+
+  @property
   def capacity(self) -> int:
     return self.page_table.shape[1] * self.page_size
 
@@ -119,88 +140,297 @@ def init_paged_cache(
   )
 
 
+def _check_layout(cache) -> None:
+  """The cache's arrays agree in shape and dtype (trace time)."""
+  if not isinstance(cache, (KVCache, PagedKVCache)):
+    raise TypeError(
+      '`cache` must be a jattn.cache.KVCache or PagedKVCache; got '
+      f'{type(cache).__name__}.'
+    )
+  lengths = cache.lengths
+  _checks.check_array(lengths, 'cache.lengths', min_rank=1, layout='[B]')
+  _checks.check_integer(lengths, 'cache.lengths')
+  _checks.check_shape(lengths, 'cache.lengths', lengths.shape[:1], '[B]')
+  if isinstance(cache, PagedKVCache):
+    table = cache.page_table
+    _checks.check_array(table, 'cache.page_table', min_rank=2, layout='[B, max_pages]')
+    _checks.check_integer(table, 'cache.page_table')
+    _checks.check_shape(
+      table, 'cache.page_table', (lengths.shape[0], table.shape[-1]), '[B, max_pages]'
+    )
+
+
+def _concrete(*arrays) -> bool:
+  """Whether every array holds values (eager), not tracers."""
+  return not any(isinstance(x, jax.core.Tracer) for x in arrays)
+
+
+def check_cache(cache, *, allow_shared: bool = True) -> None:
+  """Check a cache's values eagerly (outside ``jax.jit``): lengths within
+  ``[0, capacity]``; paged, every table entry -1 or a pool page, every
+  stored position on a pool page (no hole before a sequence's length), and,
+  with ``allow_shared=False``, no page held by two table entries. Raises a
+  ValueError that says which sequence and entry."""
+  _check_layout(cache)
+  lengths = np.asarray(cache.lengths)
+  bad = np.flatnonzero((lengths < 0) | (lengths > cache.capacity))
+  if bad.size:
+    raise ValueError(
+      f'cache.lengths must be within [0, capacity={cache.capacity}]; sequence '
+      f'{bad[0]} has {lengths[bad[0]]}.'
+    )
+  if isinstance(cache, KVCache):
+    return
+  table = np.asarray(cache.page_table)
+  outside = np.argwhere((table < -1) | (table >= cache.num_pages))
+  if outside.size:
+    b, i = outside[0]
+    raise ValueError(
+      f'cache.page_table[{b}, {i}] = {table[b, i]} is neither -1 nor a page of '
+      f'the pool (0..{cache.num_pages - 1}).'
+    )
+  readable = np.asarray(_readable(cache))
+  short = np.flatnonzero(readable < lengths)
+  if short.size:
+    b = short[0]
+    raise ValueError(
+      f'sequence {b} has length {lengths[b]} but its page table has no page '
+      f'from position {readable[b]} on: {table[b].tolist()}.'
+    )
+  if not allow_shared:
+    pages, counts = np.unique(table[table >= 0], return_counts=True)
+    if (counts > 1).any():
+      raise ValueError(
+        f'pool pages {pages[counts > 1].tolist()} are held by more than one '
+        'page-table entry (shared, read-only).'
+      )
+
+
+def _check_count(num_new, name: str, shape, high: int | None):
+  """``num_new`` (a scalar or ``[B]``) as int32 ``[B]``: integers, checked
+  to lie in ``[0, high]`` when eager."""
+  num_new = jnp.asarray(num_new)
+  _checks.check_integer(num_new, name)
+  if num_new.ndim:
+    _checks.check_shape(num_new, name, shape, '[B] (or a scalar)')
+  if _concrete(num_new):
+    values = np.asarray(num_new)
+    if (values < 0).any() or (high is not None and (values > high).any()):
+      bound = f'within [0, T={high}]' if high is not None else '>= 0'
+      raise ValueError(f'`{name}` must be {bound}; got {values.tolist()}.')
+  return jnp.broadcast_to(num_new.astype(jnp.int32), shape)
+
+
+def _check_free(cache: PagedKVCache, free):
+  """``free [P]`` bool, one flag per pool page."""
+  free = jnp.asarray(free)
+  if free.dtype != jnp.bool_:
+    raise TypeError(f'`free` must be boolean [P] (True: free); got {free.dtype}.')
+  _checks.check_shape(free, 'free', (cache.num_pages,), '[P] (one per pool page)')
+  return free
+
+
+def _new_count(cache, num_new, q_len: int):
+  """``[B]`` int32: the real rows of each sequence (default all T)."""
+  if num_new is None:
+    return jnp.full(cache.lengths.shape, q_len, jnp.int32)
+  num_new = _check_count(num_new, 'num_new', cache.lengths.shape, q_len)
+  return jnp.clip(num_new, 0, q_len)
+
+
+def _held(cache: PagedKVCache):
+  """``[P]`` int32: how many page-table entries hold each pool page."""
+  table = cache.page_table.reshape(-1)
+  index = jnp.where(table >= 0, table, cache.num_pages)  # -1 would wrap
+  return jnp.zeros(cache.num_pages, jnp.int32).at[index].add(1, mode='drop')
+
+
+def _in_pool(cache: PagedKVCache, pages):
+  return (pages >= 0) & (pages < cache.num_pages)
+
+
+def _readable(cache: PagedKVCache):
+  """``[B]``: each sequence's positions before its first table entry that
+  is not a pool page (the most a read may cover)."""
+  valid = _in_pool(cache, cache.page_table)
+  max_pages = valid.shape[1]
+  first_hole = jnp.where(valid.all(1), max_pages, jnp.argmin(valid, axis=1))
+  return first_hole.astype(jnp.int32) * cache.page_size
+
+
+def _stored_lengths(cache):
+  """``[B]``: the positions a read covers, whatever the lengths say."""
+  lengths = jnp.clip(cache.lengths.astype(jnp.int32), 0, cache.capacity)
+  if isinstance(cache, PagedKVCache):
+    lengths = jnp.minimum(lengths, _readable(cache))
+  return lengths
+
+
 def allocate_pages(cache: PagedKVCache, num_new, free):
   """Pages for ``num_new [B]`` more tokens per sequence: each sequence's
   missing pages take the lowest free pool pages, in batch order.
 
   ``free [P]`` bool marks the pool's free pages (a scheduler's; all True for
-  a fresh pool). Returns ``(cache with its page table filled, free)``. A
+  a fresh pool); a page some table holds is never handed out, whatever
+  ``free`` says. Returns ``(cache with its page table filled, free)``. A
   sequence that runs out of free pages or of page-table slots gets -1 there
-  (its tokens past it are then dropped by the step). Pure and jittable.
+  (the step then stores its tokens up to it and drops the rest). Pure and
+  jittable.
   """
+  _check_layout(cache)
+  num_new = _check_count(num_new, 'num_new', cache.lengths.shape, None)
+  free = _check_free(cache, free) & (_held(cache) == 0)
   page = cache.page_size
-  needed = -(-(cache.lengths + jnp.asarray(num_new, jnp.int32)) // page)  # [B]
-  slots = jnp.arange(cache.page_table.shape[1])
-  wanted = (slots[None, :] < needed[:, None]) & (cache.page_table < 0)  # [B, M]
-  order = jnp.cumsum(wanted.reshape(-1)) - 1  # the n-th page asked for
+  stored = _stored_lengths(cache)
+  needed = -(-(stored + jnp.maximum(num_new, 0)) // page)  # [B]
+  slots = jnp.arange(cache.page_table.shape[1], dtype=jnp.int32)
+  wanted = (slots[None, :] < needed[:, None]) & ~_in_pool(cache, cache.page_table)
+  wanted = wanted.reshape(-1)
+  order = jnp.cumsum(wanted) - 1  # the n-th page asked for
   free_pages = jnp.nonzero(free, size=free.shape[0], fill_value=-1)[0]
-  granted = jnp.where(order < jnp.sum(free), free_pages[jnp.clip(order, 0)], -1)
-  table = jnp.where(wanted.reshape(-1), granted, cache.page_table.reshape(-1))
-  taken = (
-    jnp.zeros_like(free)
-    .at[jnp.where(wanted.reshape(-1), granted, -1)]
-    .set(True, mode='drop')
-  )
+  available = jnp.sum(free)
+  granted = jnp.where(order < available, free_pages[jnp.clip(order, 0)], -1)
+  table = jnp.where(wanted, granted, cache.page_table.reshape(-1))
+  taken_index = jnp.where(wanted & (granted >= 0), granted, cache.num_pages)
+  taken = jnp.zeros_like(free).at[taken_index].set(True, mode='drop')
   cache = dataclasses.replace(cache, page_table=table.reshape(cache.page_table.shape))
   return cache, free & ~taken
 
 
+def release(cache, done, free=None):
+  """Sequences ``done [B]`` (bool) emptied for reuse: lengths 0 and, paged,
+  page-table entries -1. Returns the cache; paged, ``(cache, free)``: ``free
+  [P]`` with the pages that no table holds any more marked free (a page
+  another table still holds stays taken)."""
+  _check_layout(cache)
+  done = jnp.asarray(done)
+  if done.dtype != jnp.bool_:
+    raise TypeError(f'`done` must be boolean [B]; got {done.dtype}.')
+  _checks.check_shape(done, 'done', cache.lengths.shape, '[B]')
+  cache = dataclasses.replace(cache, lengths=jnp.where(done, 0, cache.lengths))
+  if isinstance(cache, KVCache):
+    if free is not None:
+      raise TypeError('a dense cache has no pages: pass no `free`.')
+    return cache
+  if free is None:
+    raise TypeError('`free` [P] is required for a paged cache.')
+  free = _check_free(cache, free)
+  held = cache.page_table
+  cache = dataclasses.replace(cache, page_table=jnp.where(done[:, None], -1, held))
+  dropped = jnp.where(done[:, None] & _in_pool(cache, held), held, cache.num_pages)
+  released = jnp.zeros_like(free).at[dropped.reshape(-1)].set(True, mode='drop')
+  return cache, free | (released & (_held(cache) == 0))
+
+
 def _positions(cache, num_new, q_len: int):
-  """``(positions [B, T] of the new tokens, new [B] count, real [B, T])``."""
-  num_new = (
-    jnp.full(cache.lengths.shape, q_len, jnp.int32) if num_new is None else num_new
-  )
-  num_new = jnp.asarray(num_new).astype(jnp.int32)
-  _checks.check_shape(num_new, 'num_new', cache.lengths.shape, '[B]')
-  new = jnp.clip(num_new, 0, q_len)
+  """``(positions [B, T] of the new tokens, real [B, T])``: row t of a
+  sequence is real when ``t < num_new`` (default all)."""
+  new = _new_count(cache, num_new, q_len)
   steps = jnp.arange(q_len, dtype=jnp.int32)
-  return cache.lengths[:, None] + steps[None, :], new, steps[None, :] < new[:, None]
+  start = _stored_lengths(cache)
+  return start[:, None] + steps[None, :], steps[None, :] < new[:, None]
 
 
 def write(cache, key, value, num_new=None):
   """The cache with ``key [B, T, K, D]``, ``value [B, T, K, V]`` stored at
   each sequence's next positions (the first ``num_new [B]`` of the T rows;
-  default all), and ``lengths`` advanced (never past the capacity)."""
-  positions, new, real = _positions(cache, num_new, key.shape[1])
-  far = jnp.int32(cache.capacity)  # a position the scatter drops
-  positions = jnp.where(real, positions, far)
-  rows = jnp.arange(key.shape[0])[:, None]
-  lengths = jnp.minimum(cache.lengths + new, cache.capacity)
+  default all), and ``lengths`` advanced by the tokens stored: up to the
+  first that has no place of the sequence's own (module docstring)."""
+  _check_layout(cache)
+  positions, real = _positions(cache, num_new, key.shape[1])
+  storable = real & (positions < cache.capacity)
+  if isinstance(cache, PagedKVCache):
+    page = cache.page_size
+    slot = jnp.minimum(positions // page, cache.page_table.shape[1])
+    table = jnp.pad(cache.page_table, ((0, 0), (0, 1)), constant_values=-1)
+    pages = jnp.take_along_axis(table, slot, axis=1)  # [B, T]
+    own = _in_pool(cache, pages)
+    own &= _held(cache)[jnp.clip(pages, 0, cache.num_pages - 1)] == 1
+    storable &= own
+  stored = jnp.cumprod(storable, axis=1, dtype=jnp.int32).astype(bool)  # a prefix
+  lengths = _stored_lengths(cache) + stored.sum(axis=1, dtype=jnp.int32)
+  rows = jnp.arange(key.shape[0], dtype=jnp.int32)[:, None]
   if isinstance(cache, KVCache):
+    at = jnp.where(stored, positions, cache.capacity)  # past the end: dropped
     return KVCache(
-      cache.key.at[rows, positions].set(key.astype(cache.key.dtype), mode='drop'),
-      cache.value.at[rows, positions].set(value.astype(cache.value.dtype), mode='drop'),
+      cache.key.at[rows, at].set(key.astype(cache.key.dtype), mode='drop'),
+      cache.value.at[rows, at].set(value.astype(cache.value.dtype), mode='drop'),
       lengths,
     )
-  page = cache.page_size
-  slot = jnp.minimum(positions // page, cache.page_table.shape[1])
-  table = jnp.pad(cache.page_table, ((0, 0), (0, 1)), constant_values=-1)
-  pages = jnp.take_along_axis(table, slot, axis=1)  # [B, T]; -1: none
-  pages = jnp.where(pages < 0, cache.key_pages.shape[0], pages)  # dropped
+  at = jnp.where(stored, pages, cache.num_pages)  # no such page: dropped
   offsets = positions % page
   return dataclasses.replace(
     cache,
-    key_pages=cache.key_pages.at[pages, offsets].set(
+    key_pages=cache.key_pages.at[at, offsets].set(
       key.astype(cache.key_pages.dtype), mode='drop'
     ),
-    value_pages=cache.value_pages.at[pages, offsets].set(
+    value_pages=cache.value_pages.at[at, offsets].set(
       value.astype(cache.value_pages.dtype), mode='drop'
     ),
     lengths=lengths,
   )
 
 
+# Options a cache step sets itself, and why.
+_SET_BY_THE_CACHE = {
+  'is_causal': 'a cache step is causal by construction',
+  'q_offsets': "the new tokens sit at each sequence's length",
+  'query_seq_lengths': '`num_new` says which rows are real',
+  'kv_offsets': 'cached keys sit at positions 0..capacity-1',
+  'key_value_seq_lengths': "the cache's lengths say which keys are stored",
+  'return_residual': 'a step returns its output and the cache',
+}
+# Options a paged cache cannot take: arrays along the keys ([..., S]).
+_PER_KEY = ('bias', 'mask', 'q_segment_ids', 'kv_segment_ids')
+
+
+def _check_options(cache, options) -> dict:
+  """The step's own attention options, with a block mask's ``mask_mod``."""
+  for name, why in _SET_BY_THE_CACHE.items():
+    if name in options:
+      raise TypeError(f'a cache step takes no `{name}`: {why}.')
+  if isinstance(cache, PagedKVCache):
+    given = [name for name in _PER_KEY if options.get(name) is not None]
+    if given:
+      raise TypeError(
+        f'a paged cache step takes no per-key array ({", ".join(given)}): its '
+        'keys lie in pages. Use a dense cache, or a `mask_mod`/`score_mod`.'
+      )
+  block_mask = options.pop('block_mask', None)
+  if block_mask is not None:
+    # A block mask's states describe a whole call's blocks at positions 0..;
+    # a step reads other rows at other positions, so it tests its mod per
+    # element: the same mask, without the skipping.
+    if not hasattr(block_mask, 'mask_mod') or not hasattr(block_mask, 'states'):
+      raise TypeError(
+        f'`block_mask` must be a jattn.BlockMask; got {type(block_mask).__name__}.'
+      )
+    if options.get('mask_mod') not in (None, block_mask.mask_mod):
+      raise ValueError('pass `mask_mod` or `block_mask`, not both.')
+    options['mask_mod'] = block_mask.mask_mod
+  return options
+
+
 def attend(query, cache, start, num_new=None, **options):
   """``query [B, T, H, D]`` at positions ``start + i`` against everything
-  in ``cache`` (already written), causally: ``[B, T, H, V]``. Paged caches
-  are read page by page, merged by log-sum-exp."""
-  if 'is_causal' in options:
-    raise TypeError('a cache step is causal by construction: leave out `is_causal`.')
-  _, new, _ = _positions(cache, num_new, query.shape[1])
-  options = dict(options, is_causal=True, q_offsets=start, query_seq_lengths=new)
+  in ``cache`` (already written), causally: ``[B, T, H, V]``. Rows past
+  ``num_new`` are zero. Paged caches are read a few pages at a time, merged
+  by log-sum-exp."""
+  _check_layout(cache)
+  options = _check_options(cache, dict(options))
+  new = _new_count(cache, num_new, query.shape[1])
+  start = jnp.asarray(start)
+  _checks.check_integer(start, 'start')
+  options = dict(
+    options, is_causal=True, q_offsets=start.astype(jnp.int32), query_seq_lengths=new
+  )
   if isinstance(cache, KVCache):
     return dot_product_attention(
-      query, cache.key, cache.value, key_value_seq_lengths=cache.lengths, **options
+      query,
+      cache.key,
+      cache.value,
+      key_value_seq_lengths=_stored_lengths(cache),
+      **options,
     )
   return _paged_attention(query, cache, options)
 
@@ -221,22 +451,23 @@ def _paged_attention(query, cache: PagedKVCache, options):
   while max_pages % per_step:
     per_step -= 1
   span = per_step * page  # keys per step
+  stored = _stored_lengths(cache)  # [B]: never past the first hole
 
   def some_pages(carry, index):
     pages = jax.lax.dynamic_slice_in_dim(
       cache.page_table, index * per_step, per_step, 1
     )
-    valid = pages >= 0  # [B, per_step]; the keys stop at the first hole
-    first_hole = jnp.where(valid.all(1), per_step, jnp.argmin(valid, axis=1))
-    seen = jnp.clip(cache.lengths - index * span, 0, span)
-    seen = jnp.minimum(seen, first_hole * page)
-    pages = jnp.where(valid, pages, 0)
-    gather = lambda pool: pool[pages].reshape((pages.shape[0], span) + pool.shape[2:])
+    seen = jnp.clip(stored - index * span, 0, span)
+    pages = jnp.where(_in_pool(cache, pages), pages, 0)  # past `seen` if not
+    def gather(pool):  # float32 partial results: one rounding, at the end
+      flat = pool[pages].reshape((pages.shape[0], span) + pool.shape[2:])
+      return flat.astype(jnp.float32)
+
     out, lse = attention_and_lse(
-      query,
+      query.astype(jnp.float32),
       gather(cache.key_pages),
       gather(cache.value_pages),
-      kv_offsets=jnp.full_like(cache.lengths, index * span),
+      kv_offsets=jnp.full_like(stored, index * span),
       key_value_seq_lengths=seen,
       **options,
     )
@@ -244,12 +475,10 @@ def _paged_attention(query, cache: PagedKVCache, options):
     return _numerics.merge(carry, (out, lse, total)), None
 
   shape = query.shape[:-1]
-  init = _numerics.initial_stats(
-    shape, None if sinks is None else sinks.astype(jnp.float32)
-  )
+  init = _numerics.initial_stats(shape, _numerics.sink_logits(sinks))
   value_dim = cache.value_pages.shape[-1]
   init = (jnp.zeros(shape + (value_dim,), jnp.float32), *init)
-  steps = jnp.arange(max_pages // per_step)
+  steps = jnp.arange(max_pages // per_step, dtype=jnp.int32)
   (out, _, _), _ = jax.lax.scan(some_pages, init, steps)
   return out.astype(query.dtype)
 
@@ -263,18 +492,18 @@ def multi_head_attention_step(
 
   ``cache`` is a ``KVCache`` or ``PagedKVCache`` for ``params``.
   ``attention_kwargs``: ``jattn.dot_product_attention``'s options (window,
-  chunk, soft-cap, ``mask_mod``, ``score_mod``, ...; not ``is_causal``: a
-  step is causal). With ``params['sinks']`` the sinks join each row. Rows
-  past ``num_new`` return zeros.
+  chunk, soft-cap, ``mask_mod``, ``score_mod``, a ``block_mask``'s mod, ...;
+  not the ones the cache sets: ``is_causal``, offsets, lengths). With
+  ``params['sinks']`` the sinks join each row. Rows past ``num_new`` return
+  zeros. Tokens without a place of their own are dropped (module
+  docstring); eagerly, bad ``num_new`` or lengths raise.
   """
-  if not isinstance(cache, (KVCache, PagedKVCache)):
-    raise TypeError(
-      '`cache` must be a jattn.cache.KVCache or PagedKVCache; got '
-      f'{type(cache).__name__}.'
-    )
+  _check_layout(cache)
   query, key, value, dtype = _projections(params, inputs_q, None, None, dtype)
   _check_cache(cache, key, value)
-  start = cache.lengths
+  if _concrete(cache.lengths):
+    check_cache(cache)
+  start = _stored_lengths(cache)
   cache = write(cache, key, value, num_new)
   if 'sinks' in params:
     attention_kwargs = dict(attention_kwargs, sinks=params['sinks'])

@@ -43,8 +43,10 @@ def flax_attention_fn(implementation: str | None = None, **options):
   - weights sown for ``sow_weights=True`` are the softmax before dropout, in
     ``dtype`` as Flax sows them (float32 with linen's
     ``force_fp32_for_softmax=True``, whose output is then float32 too);
-  - ``is_causal`` with fewer queries than keys (Flax's decode) is aligned
-    bottom-right: the queries are the last positions (flax#5591);
+  - ``is_causal`` in Flax's decode step (one query, more keys, and the
+    cache's mask) is aligned bottom-right: the query is the newest position
+    (flax#5591). Every other call keeps top-left causal, as Flax defines it
+    (a cross-attention with T < S included);
   - ``precision`` sets the matmul precision of the call
     (``jax.default_matmul_precision``);
   - ``broadcast_dropout`` is ignored: jattn draws its dropout mask per batch
@@ -93,13 +95,14 @@ def flax_attention_fn(implementation: str | None = None, **options):
       mask = jnp.asarray(mask) != 0
     kwargs = dict(is_causal=is_causal, **options)
     q_len, kv_len = query.shape[-3], key.shape[-3]
-    if is_causal and q_len < kv_len:
-      # Flax passes fewer queries than keys with is_causal in decode, where
-      # the queries are the newest positions of its cache: causal is then
-      # aligned bottom-right (top-left, query 0 would see key 0 only:
-      # flax#5591); the cache's own mask hides the positions not yet written.
+    if is_causal and q_len == 1 < kv_len and mask is not None:
+      # Flax's decode step: one query, the newest position of its cache,
+      # and the cache's mask (the positions written so far). Causal is then
+      # aligned bottom-right (top-left, the query would see key 0 only:
+      # flax#5591). Every other call keeps top-left causal, as Flax, jax.nn
+      # and PyTorch define it for cross-attention (T < S).
       batch_shape = query.shape[:-3]
-      kwargs['q_offsets'] = jnp.full(batch_shape, kv_len - q_len, jnp.int32)
+      kwargs['q_offsets'] = jnp.full(batch_shape, kv_len - 1, jnp.int32)
     fp32_softmax = force_fp32_for_softmax and dtype != jnp.float32
     with jax.default_matmul_precision(_matmul_precision(precision)):
       if module is not None:  # Flax asked to sow the weights (before dropout)

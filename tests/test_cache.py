@@ -41,13 +41,6 @@ def empty(params, kind, batch=2, shuffle_seed=None):
   return cache, free
 
 
-@pytest.fixture(autouse=True)
-def page_by_page(monkeypatch):
-  """Paged caches read one page of 4 per step here, so the merge of steps
-  is what the tests see."""
-  monkeypatch.setattr(kv, 'KEYS_PER_STEP', 4)
-
-
 def run_steps(params, x, kind, chunks, shuffle_seed=None, **options):
   """The outputs of the steps over ``chunks`` of x, concatenated."""
   cache, free = empty(params, kind, x.shape[0], shuffle_seed)
@@ -66,7 +59,9 @@ PREFILL_THEN_DECODE = [(0, 5)] + [(i, i + 1) for i in range(5, LENGTH)]
 
 
 @pytest.mark.parametrize('kind, sinks', [('dense', False), ('paged', True)])
-def test_prefill_and_decode_equal_causal_attention_over_the_whole(kind, sinks):
+def test_prefill_and_decode_equal_causal_attention_over_the_whole(
+  kind, sinks, keys_per_step
+):
   params, x = setup(sinks=sinks)
   full = jattn.multi_head_attention(params, x, is_causal=True)
   out, cache = run_steps(params, x, kind, PREFILL_THEN_DECODE, shuffle_seed=3)
@@ -115,20 +110,35 @@ def test_a_ragged_batch_is_one_call():
     np.testing.assert_array_equal(out2[b, n2:], 0.0)
 
 
-def test_gradients_through_a_dense_cache_step():
-  # A prefill step into an empty cache is causal attention over its tokens:
-  # the same values and the same gradients with respect to every parameter.
+def test_gradients_through_cached_keys(keys_per_step):
+  # Prefill, then decode steps that read the keys the earlier steps cached:
+  # the values and the gradients (every parameter, every input token) of
+  # causal attention over the whole, through a paged cache (both read
+  # settings) and a dense one.
   params, x = setup(4, sinks=True)
+  chunks = [(0, 5), (5, 6), (6, 9), (9, LENGTH)]
 
-  def stepped(params):
-    return kv.multi_head_attention_step(params, x, kv.init_cache(params, 2, 16))[0]
+  def stepped(kind):
+    def run(params, x):
+      cache, free = empty(params, kind, x.shape[0], shuffle_seed=1)
+      outs = []
+      for start, stop in chunks:
+        if free is not None:
+          cache, free = kv.allocate_pages(cache, stop - start, free)
+        out, cache = kv.multi_head_attention_step(params, x[:, start:stop], cache)
+        outs.append(out)
+      return jnp.concatenate(outs, axis=1)
 
-  def whole(params):
+    return jax.jit(run)
+
+  def whole(params, x):
     return jattn.multi_head_attention(params, x, is_causal=True)
 
-  testing.assert_functions_agree(
-    whole, stepped, params, argnums=(0,), dtype=jnp.float32
-  )
+  kinds = ['paged'] + (['dense'] if keys_per_step == 'one page per step' else [])
+  for kind in kinds:
+    testing.assert_functions_agree(
+      whole, stepped(kind), params, x, argnums=(0, 1), dtype=jnp.float32
+    )
 
 
 FEATURES = {  # combined: suite time
@@ -259,26 +269,6 @@ def test_decode_step_sharded_equals_one_device():
   )
 
 
-def test_writes_never_leave_the_cache():
-  params, x = setup(9)
-  cache = kv.init_cache(params, 2, 4)
-  out, cache = kv.multi_head_attention_step(params, x[:, :3], cache)
-  before = cache.key
-  # 3 more tokens with room for 1: one is stored, two are dropped.
-  out, cache = kv.multi_head_attention_step(params, x[:, 3:6], cache)
-  np.testing.assert_array_equal(cache.lengths, [4, 4])
-  np.testing.assert_array_equal(cache.key[:, :3], before[:, :3])
-  assert np.isfinite(out).all()
-  # A page table pointing outside the pool: those tokens are dropped.
-  paged = kv.init_paged_cache(params, 2, num_pages=2, page_size=4, max_pages=2)
-  table = jnp.array([[0, 7], [1, -1]])
-  paged = jax.tree.map(lambda a: a, paged)
-  paged = kv.PagedKVCache(paged.key_pages, paged.value_pages, table, paged.lengths)
-  _, paged = kv.multi_head_attention_step(params, x[:, :6], paged)
-  np.testing.assert_array_equal(paged.lengths, [6, 6])
-  assert np.count_nonzero(np.asarray(paged.key_pages).any(axis=(2, 3))) == 8
-
-
 def test_cache_size_and_no_copy_per_step():
   # D = 64, as in a real model: a copy of the cache would dwarf the logits.
   params = jattn.init_params(jax.random.key(10), E, H, num_kv_heads=K, head_dim=64)
@@ -288,6 +278,15 @@ def test_cache_size_and_no_copy_per_step():
   step = jax.jit(kv.multi_head_attention_step, donate_argnames='cache')
   compiled = step.lower(params, x, cache).compile()
   assert testing.temp_bytes(compiled) < cache.key.nbytes / 4
+  paged = kv.init_paged_cache(params, 2, num_pages=16, page_size=64, max_pages=8)
+  paged, _ = kv.allocate_pages(paged, 300, jnp.ones(16, bool))
+  for before in (cache, paged):
+    pointers = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(before)]
+    _, after = step(params, x, before)
+    # Donated and updated in place: the step's cache is the same memory.
+    assert all(a.is_deleted() for a in jax.tree.leaves(before))
+    written = after.key if isinstance(after, kv.KVCache) else after.key_pages
+    assert written.unsafe_buffer_pointer() in pointers
 
 
 def test_bad_caches_are_clear_errors():
@@ -310,12 +309,16 @@ def test_bad_caches_are_clear_errors():
     jattn.nnx.MultiHeadAttention.from_params(params)(x, decode=True)
 
 
-def test_paged_equals_dense_in_bfloat16():
-  # Pages merge by their float32 log-sum-exp: no half-precision rounding of
-  # the statistics on the way.
+def test_paged_equals_dense_in_bfloat16(keys_per_step):
+  # Pages merge float32 partial results by their float32 log-sum-exp, then
+  # round once: with the same kernel, what a dense cache gives. The bound is
+  # a tenth of a bfloat16 step at these magnitudes (~3) and of what bfloat16
+  # against float32 inputs differ by here (0.013).
   params, x = setup(12)
   params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
   x = x.astype(jnp.bfloat16)
-  dense, _ = run_steps(params, x, 'dense', PREFILL_THEN_DECODE)
-  paged, _ = run_steps(params, x, 'paged', PREFILL_THEN_DECODE, shuffle_seed=4)
-  testing.assert_trees_close(paged, dense, jnp.bfloat16)
+  options = dict(implementation='decode')
+  dense, _ = run_steps(params, x, 'dense', PREFILL_THEN_DECODE, **options)
+  paged, _ = run_steps(params, x, 'paged', PREFILL_THEN_DECODE, 4, **options)
+  error = np.abs(np.asarray(paged, np.float32) - np.asarray(dense, np.float32)).max()
+  assert error <= 1e-3, error

@@ -319,7 +319,7 @@ def test_block_mask_for_another_call_is_refused():
   block_mask = jattn.create_block_mask(causal, None, None, 16, 16, block_sizes=(8, 8))
   with pytest.raises(ValueError, match=r'`block_sizes`=\(16, 16\) differ'):
     jattn.dot_product_attention(q, k, v, block_mask=block_mask, block_sizes=(16, 16))
-  with pytest.raises(ValueError, match='both given with different functions'):
+  with pytest.raises(ValueError, match='both given with different mods'):
     jattn.dot_product_attention(q, k, v, block_mask=block_mask, mask_mod=striped)
   with pytest.raises(ValueError, match=r"'xla' cannot take.*mask_mod"):
     jattn.dot_product_attention(q, k, v, mask_mod=causal, implementation='xla')
