@@ -268,16 +268,16 @@ def prepare(
     raise ValueError('`kv_segment_ids` was given without `q_segment_ids`.')
 
   def per_sequence(x, name, tail=(), layout='[B...]'):
+    """int32 whatever the integer dtype given (int64 under x64), as the
+    kernels' row and column indices are."""
     if x is None:
       return None
     x = jnp.asarray(x)
     _checks.check_integer(x, name)
     _checks.check_shape(x, name, batch_shape + tail, layout)
-    return x.reshape((batch,) + tail)
+    return x.reshape((batch,) + tail).astype(jnp.int32)
 
-  def positions(x, name):  # int32, as the kernels' row and column indices
-    x = per_sequence(x, name)
-    return None if x is None else x.astype(jnp.int32)
+  positions = per_sequence
 
   if opts.scale is None:
     opts = dataclasses.replace(opts, scale=1.0 / math.sqrt(head_dim))

@@ -286,9 +286,10 @@ def allocate_pages(cache: PagedKVCache, num_new, free):
   slots = jnp.arange(cache.page_table.shape[1], dtype=jnp.int32)
   wanted = (slots[None, :] < needed[:, None]) & ~_in_pool(cache, cache.page_table)
   wanted = wanted.reshape(-1)
-  order = jnp.cumsum(wanted) - 1  # the n-th page asked for
+  order = jnp.cumsum(wanted, dtype=jnp.int32) - 1  # the n-th page asked for
   free_pages = jnp.nonzero(free, size=free.shape[0], fill_value=-1)[0]
-  available = jnp.sum(free)
+  free_pages = free_pages.astype(jnp.int32)
+  available = jnp.sum(free, dtype=jnp.int32)
   granted = jnp.where(order < available, free_pages[jnp.clip(order, 0)], -1)
   table = jnp.where(wanted, granted, cache.page_table.reshape(-1))
   taken_index = jnp.where(wanted & (granted >= 0), granted, cache.num_pages)

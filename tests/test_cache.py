@@ -309,6 +309,85 @@ def test_bad_caches_are_clear_errors():
     jattn.nnx.MultiHeadAttention.from_params(params)(x, decode=True)
 
 
+def paged_with(cache, **fields):
+  return kv.PagedKVCache(
+    **{
+      f: fields.get(f, getattr(cache, f)) for f in kv.PagedKVCache.__dataclass_fields__
+    }
+  )
+
+
+def test_options_a_step_sets_itself_are_refused():
+  params, x = setup(13)
+  dense = kv.init_cache(params, 2, 8)
+  paged, _ = empty(params, 'paged')
+  step = kv.multi_head_attention_step
+  two = jnp.array([1, 1])
+  for cache in (dense, paged):
+    for name, why in [
+      ('q_offsets', "the new tokens sit at each sequence's length"),
+      ('query_seq_lengths', '`num_new` says which rows are real'),
+      ('kv_offsets', 'cached keys sit at positions'),
+      ('key_value_seq_lengths', "the cache's lengths say"),
+    ]:
+      with pytest.raises(TypeError, match=f'takes no `{name}`: {why}'):
+        step(params, x[:, :1], cache, **{name: two})
+    with pytest.raises(TypeError, match='no `return_residual`'):
+      step(params, x[:, :1], cache, return_residual=True)
+  with pytest.raises(TypeError, match=r'no per-key array \(bias\)'):
+    step(params, x[:, :1], paged, bias=jnp.zeros((2, H, 1, 16)))
+  with pytest.raises(TypeError, match='takes no `q_offsets`'):
+    kv.attend(x[:, :1, :, None], dense, jnp.zeros(2, jnp.int32), q_offsets=two)
+
+
+def test_bad_counts_and_tables_are_clear_errors():
+  params, x = setup(14)
+  dense = kv.init_cache(params, 2, 8)
+  paged, free = empty(params, 'paged')
+  step = kv.multi_head_attention_step
+  for bad in (jnp.array([-1, 2]), jnp.array([100, 1])):
+    with pytest.raises(ValueError, match=r'`num_new` must be within \[0, T=3\]'):
+      step(params, x[:, :3], dense, num_new=bad)
+  with pytest.raises(TypeError, match='`num_new` must have an integer dtype'):
+    step(params, x[:, :3], dense, num_new=jnp.array([1.7, 8.0]))
+  with pytest.raises(ValueError, match=r'`free` must have shape \[P\]'):
+    kv.allocate_pages(paged, 4, jnp.ones(12, bool))
+  with pytest.raises(TypeError, match='`free` must be boolean'):
+    kv.allocate_pages(paged, 4, jnp.ones(10, jnp.int32))
+  with pytest.raises(ValueError, match=r'`num_new` must be >= 0'):
+    kv.allocate_pages(paged, -3, free)
+  with pytest.raises(ValueError, match=r'within \[0, capacity=8\]; sequence 1 has 9'):
+    step(params, x[:, :1], kv.KVCache(dense.key, dense.value, jnp.array([0, 9])))
+  for table, error, match in [
+    (jnp.zeros((2, 4)), TypeError, '`cache.page_table` must have an integer'),
+    (jnp.zeros((2,), jnp.int32), ValueError, 'layout \\[B, max_pages\\]'),
+    (jnp.zeros((3, 4), jnp.int32), ValueError, r'shape \[B, max_pages\] = \(2, 4\)'),
+  ]:
+    with pytest.raises(error, match=match):
+      step(params, x[:, :1], paged_with(paged, page_table=table))
+  holed = paged_with(
+    paged,
+    page_table=jnp.array([[0, -1, 2, -1], [1, 3, -1, -1]]),
+    lengths=jnp.array([6, 0]),
+  )
+  with pytest.raises(ValueError, match='sequence 0 has length 6 but its page table'):
+    kv.check_cache(holed)
+
+
+def test_under_jit_counts_are_clipped_and_lengths_say_what_is_stored():
+  # Values cannot raise under jit: the outcome is safe and documented.
+  params, x = setup(15)
+  step = jax.jit(kv.multi_head_attention_step)
+  dense = kv.init_cache(params, 2, 8)
+  _, after = step(params, x[:, :3], dense, num_new=jnp.array([100, -1]))
+  np.testing.assert_array_equal(after.lengths, [3, 0])
+  full = kv.KVCache(dense.key, dense.value, jnp.array([99, 8]))  # past capacity
+  out, after = step(params, x[:, :2], full)
+  np.testing.assert_array_equal(after.lengths, [8, 8])
+  np.testing.assert_array_equal(after.key, full.key)  # nothing written
+  assert np.isfinite(out).all()
+
+
 def test_paged_equals_dense_in_bfloat16(keys_per_step):
   # Pages merge float32 partial results by their float32 log-sum-exp, then
   # round once: with the same kernel, what a dense cache gives. The bound is

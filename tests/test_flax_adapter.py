@@ -201,3 +201,17 @@ def test_bad_precision_names_the_argument():
   q = tokens().reshape(B, T, H, E // H)
   with pytest.raises(TypeError, match='`precision`'):
     jattn.flax_attention_fn()(q, q, q, precision='very')
+
+
+def test_causal_cross_attention_is_top_left_as_in_flax():
+  # Fewer queries than keys outside a decode step: query i sees keys 0..i,
+  # as Flax's causal mask, jax.nn and PyTorch define it (flax#5591 changes
+  # only the decode step: one query and the cache's mask).
+  q = jax.random.normal(jax.random.key(2), (B, 2, H, 8))
+  kv = jax.random.normal(jax.random.key(3), (B, 4, H, 8))
+  tril = jnp.tril(jnp.ones((2, 4), bool))
+  expected = nnx.dot_product_attention(q, kv, kv, mask=tril)
+  ours = jattn.flax_attention_fn()(q, kv, kv, is_causal=True)
+  testing.assert_trees_close(ours, expected, jnp.float32)
+  theirs = jax.nn.dot_product_attention(q, kv, kv, is_causal=True)
+  testing.assert_trees_close(ours, theirs, jnp.float32)
