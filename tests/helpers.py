@@ -56,3 +56,40 @@ def numpy_attention(q, k, v, scale):
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   return np.einsum('bhts,bshv->bthv', weights, v), weights
+
+
+def oracle_attention(
+  q, k, v, *, scale, soft_cap=None, bias=None, score=None, visible=None, sinks=None
+):
+  """The float64 oracle of every logit feature, in plain NumPy (nothing of
+  jattn): ``(out [B, T, H, V], weights [B, H, T, S])`` of
+
+    logits = scale q·k, soft-capped (c·tanh(x / c)), + bias, then
+    ``score(logits, b, h, i, j)`` (NumPy, on [B, H, T, S] index grids),
+    hidden where ``visible`` [B|1, H|1, T, S] is False; softmax whose
+    denominator also holds exp(sinks[h]); rows seeing nothing are zero.
+  """
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  groups = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+  logits = scale * np.einsum('bthd,bshd->bhts', q, k)
+  if soft_cap is not None:
+    logits = soft_cap * np.tanh(logits / soft_cap)
+  if bias is not None:
+    logits = logits + np.asarray(bias, np.float64)
+  if score is not None:
+    logits = score(logits, *np.indices(logits.shape))
+  if visible is None:
+    visible = np.ones(logits.shape, bool)
+  visible = np.broadcast_to(np.asarray(visible), logits.shape)
+  sink = np.full(logits.shape[:3], -np.inf)
+  if sinks is not None:
+    sink = np.broadcast_to(np.asarray(sinks, np.float64)[None, :, None], sink.shape)
+  top = np.maximum(np.where(visible, logits, -np.inf).max(-1), sink)
+  top = np.where(np.isfinite(top), top, 0.0)
+  exp = np.where(visible, np.exp(logits - top[..., None]), 0.0)
+  total = exp.sum(-1) + np.exp(sink - top)
+  weights = np.where(
+    total[..., None] > 0, exp / np.where(total > 0, total, 1)[..., None], 0
+  )
+  return np.einsum('bhts,bshv->bthv', weights, v), weights

@@ -224,11 +224,20 @@ def test_nnx_and_linen_decode_step_by_step_equal_flax():
     )
     flax_cache = state['cache']
     testing.assert_trees_close(out, flax_out, jnp.float32)
-  # A prefill call of several tokens, then one: the same as causal attention.
+  # A prefill call of several tokens, then the rest: causal attention, in
+  # nnx and in linen.
   ours.init_cache(x.shape)
   steps = jnp.concatenate([ours(x[:, :7], decode=True), ours(x[:, 7:], decode=True)], 1)
   full = jattn.multi_head_attention(params, x, is_causal=True)
   testing.assert_trees_close(steps, full, jnp.float32)
+  linen_cache, outs = linen.init(jax.random.key(0), x)['cache'], []
+  for chunk in (x[:, :7], x[:, 7:]):
+    out, state = linen.apply(
+      {'params': params, 'cache': linen_cache}, chunk, mutable=['cache']
+    )
+    linen_cache = state['cache']
+    outs.append(out)
+  testing.assert_trees_close(jnp.concatenate(outs, 1), full, jnp.float32)
 
 
 def test_the_right_answer_where_flax_decode_with_is_causal_is_wrong():

@@ -75,8 +75,8 @@ def test_flash_matches_the_reference(feature):
 
 
 def test_ring_matches_the_reference():
-  """Global indices in every ring step (zig-zag causal, offsets): values and
-  gradients, the table's included."""
+  """Global indices in every ring step (zig-zag causal, offsets, a block
+  mask): values and gradients, the table's included."""
   q, k, v = helpers.qkv(1, q_len=T, kv_len=T)
   mesh = sharding.make_mesh({'data': 2, 'model': 2, 'seq': 2})
   options = dict(is_causal=True, q_offsets=jnp.array([3, 0]), block_sizes=(8, 8))
@@ -87,10 +87,14 @@ def test_ring_matches_the_reference():
       implementation='reference', **options,
     )  # fmt: skip
 
+  # The ring honours a block mask (its mod, at every step's global indices).
+  block_mask = jattn.create_block_mask(striped, 2, 4, T, T, block_sizes=(8, 8))
+
   def ring(q, k, v, table):
     return sharding.ring_attention(
-      q, k, v, mesh=mesh, mask_mod=striped, score_mod=gather_score(table), **options
-    )
+      q, k, v, mesh=mesh, block_mask=block_mask, score_mod=gather_score(table),
+      **options,
+    )  # fmt: skip
 
   testing.assert_functions_agree(reference, ring, q, k, v, TABLE, argnums=(0, 1, 2, 3))
 

@@ -2,6 +2,7 @@
 new rules (chunked and prefix-LM attention) in every kernel."""
 
 import dataclasses
+import functools
 
 import hypothesis
 import hypothesis.strategies as st
@@ -82,23 +83,35 @@ def brute_states(visible, t, s, bq, bk):
   return states
 
 
-def planned_states(vis, t, s, bq, bk):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def row_plan(vis, t, s, bq, bk):
+  """One row's ``(elements [t, s], states [nq, nk], plan)``, compiled once
+  for the rows of an example (they share shapes and static rules)."""
   nq, nk = -(-t // bq), -(-s // bk)
   padded = vis.pad(nq * bq, nk * bk, vis.kv_extent if vis.kv_extent else s)
-  states = np.asarray(padded.block_states(bq, bk, nq, nk))
-  plan = padded.block_plan(bq, bk, nq, nk)
+  elements = vis.elements(0, 0, t, s)
+  elements = jnp.ones((t, s), bool) if elements is None else elements
+  states = padded.block_states(bq, bk, nq, nk)
+  return jnp.broadcast_to(elements, (t, s)), states, padded.block_plan(bq, bk, nq, nk)
+
+
+def check_plan(states, plan):
+  """The visit lists list the partial blocks, then the full ones, both ways."""
   for visits, by_block in ((plan.kv, states), (plan.q, states.T)):
     for n, row in enumerate(by_block):
       order, partial, full = (np.asarray(x[n]) for x in visits)
-      assert (row[order[:partial]] == PARTIAL).all() and partial == (
-        row == PARTIAL
-      ).sum()
+      assert partial == (row == PARTIAL).sum() and full == (row == FULL).sum()
+      assert (row[order[:partial]] == PARTIAL).all()
       assert (row[order[partial : partial + full]] == FULL).all()
-      assert full == (row == FULL).sum()
-  return states
 
 
-@hypothesis.settings(max_examples=12, deadline=None)
+ROWS = 3
+per_row = lambda strategy: st.one_of(
+  st.none(), st.lists(strategy, min_size=ROWS, max_size=ROWS)
+)
+
+
+@hypothesis.settings(max_examples=10, deadline=None)
 @hypothesis.given(
   t=st.integers(1, 40),
   s=st.integers(1, 40),
@@ -107,11 +120,13 @@ def planned_states(vis, t, s, bq, bk):
   causal=st.booleans(),
   window=st.one_of(st.none(), st.tuples(st.integers(0, 9), st.integers(0, 9))),
   chunk=st.one_of(st.none(), st.integers(1, 12)),
-  prefix=st.one_of(st.none(), st.integers(0, 20)),
-  q_len=st.one_of(st.none(), st.integers(0, 40)),
-  kv_len=st.one_of(st.none(), st.integers(0, 40)),
+  prefix=per_row(st.integers(0, 20)),
+  q_len=per_row(st.integers(0, 40)),
+  kv_len=per_row(st.integers(0, 40)),
   starts=st.tuples(st.integers(0, 16), st.integers(0, 16)),
-  offsets=st.tuples(st.integers(0, 24), st.integers(0, 24)),
+  offsets=st.lists(
+    st.tuples(st.integers(0, 24), st.integers(0, 24)), min_size=ROWS, max_size=ROWS
+  ),
   segments=st.sampled_from([None, 'sorted', 'unsorted']),
   mask=st.sampled_from([None, 'random', 'block diagonal', 'rows', 'columns']),
   seed=st.integers(0, 2**16),
@@ -120,47 +135,50 @@ def test_block_mask_is_sound_against_numpy(
   t, s, bq, bk, causal, window, chunk, prefix, q_len, kv_len, starts, offsets,
   segments, mask, seed,
 ):  # fmt: skip
-  """Elements equal a NumPy oracle; a hidden block holds no visible element
-  and a full one is visible throughout (padding included: a full block has
-  no padded key), for every rule, a ring step's starts, the caller's
-  offsets, segment ids (sorted as packed documents, or not) and dense masks;
-  the visit lists say the same both ways."""
+  """For several rows of a batch, each with its own lengths, prefix,
+  offsets, segment ids and mask: elements equal a NumPy oracle; a hidden
+  block holds no visible element and a full one is visible throughout
+  (padding included: a full block has no padded key), for every rule, a
+  ring step's starts, the caller's offsets, segment ids (sorted as packed
+  documents, or not) and dense masks; the visit lists say the same both
+  ways. (The exact case has its own test below.)"""
   rng = np.random.default_rng(seed)
-  q_seg = kv_seg = None
-  if segments is not None:
-    q_seg, kv_seg = rng.integers(0, 3, t), rng.integers(0, 3, s)
-    if segments == 'sorted':
-      q_seg, kv_seg = np.sort(q_seg), np.sort(kv_seg)
-  rules = dict(
-    causal=causal,
-    window=window,
-    chunk=chunk,
-    prefix=prefix if causal else None,
-    q_len=q_len,
-    kv_len=kv_len,
-    starts=starts,
-    offsets=offsets,
-    kv_size=starts[1] + s - 3,  # the last keys are a ring's padding
-    kv_extent=s - 1,  # and the very last a kernel's
-    q_seg=q_seg,
-    kv_seg=kv_seg,
-    mask={
-      None: None,
-      'random': rng.random((t, s)) < 0.5,
-      'block diagonal': (np.arange(t)[:, None] // 8) == (np.arange(s)[None, :] // 8),
-      'rows': rng.random((t, 1)) < 0.7,
-      'columns': rng.random((1, s)) < 0.7,
-    }[mask],
-  )
-  vis = visibility_of(rules)
-  visible = numpy_visible(t, s, rules)
-  np.testing.assert_array_equal(dense(vis, t, s), visible)
-  states = planned_states(vis, t, s, bq, bk)
-  brute = brute_states(visible, t, s, bq, bk)
-  assert ((states == HIDDEN) <= (brute == HIDDEN)).all()
-  assert ((states == FULL) <= (brute == FULL)).all()
-  if t % bq == 0 and not segments and not mask:  # exact, for interval rules
-    assert ((brute == FULL) <= (states == FULL)).all()
+  for row in range(ROWS):
+    q_seg = kv_seg = None
+    if segments is not None:
+      q_seg, kv_seg = rng.integers(0, 3, t), rng.integers(0, 3, s)
+      if segments == 'sorted':
+        q_seg, kv_seg = np.sort(q_seg), np.sort(kv_seg)
+    of_row = lambda values, row=row: None if values is None else values[row]
+    rules = dict(
+      causal=causal,
+      window=window,
+      chunk=chunk,
+      prefix=of_row(prefix) if causal else None,
+      q_len=of_row(q_len),
+      kv_len=of_row(kv_len),
+      starts=starts,
+      offsets=offsets[row],
+      kv_size=starts[1] + s - 3,  # the last keys are a ring's padding
+      kv_extent=s - 1,  # and the very last a kernel's
+      q_seg=q_seg,
+      kv_seg=kv_seg,
+      mask={
+        None: None,
+        'random': rng.random((t, s)) < 0.5,
+        'block diagonal': (np.arange(t)[:, None] // 8) == (np.arange(s)[None, :] // 8),
+        'rows': rng.random((t, 1)) < 0.7,
+        'columns': rng.random((1, s)) < 0.7,
+      }[mask],
+    )
+    elements, states, plan = row_plan(visibility_of(rules), t, s, bq, bk)
+    visible = numpy_visible(t, s, rules)
+    np.testing.assert_array_equal(elements, visible)
+    states = np.asarray(states)
+    check_plan(states, plan)
+    brute = brute_states(visible, t, s, bq, bk)
+    assert ((states == HIDDEN) <= (brute == HIDDEN)).all()
+    assert ((states == FULL) <= (brute == FULL)).all()
 
 
 @pytest.mark.parametrize(
@@ -180,19 +198,27 @@ def test_block_mask_is_sound_against_numpy(
 def test_block_mask_is_exact_for_whole_blocks(rule):
   """With whole blocks the states equal the brute-force classification of
   the NumPy mask: interval rules alone, sorted segment ids alone, a dense
-  mask alone, and packed documents under causal with an offset."""
+  mask alone, and packed documents under causal with an offset; for three
+  rows, each with its own ids, mask and offsets."""
+  for row in range(3):
+    exact_for_row(rule, row)
+
+
+def exact_for_row(rule, row):
   t = s = 32
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(row)
   ids = np.sort(rng.integers(0, 4, t)) if rule.get('segments') else None
+  shift = lambda pair: tuple(x + 4 * row * (x > 0) for x in pair)
+  vary = lambda value, by: None if value is None else value + by
   rules = dict(
     causal=rule.get('causal', False),
     window=rule.get('window'),
     chunk=rule.get('chunk'),
-    prefix=rule.get('prefix'),
-    q_len=rule.get('q_len'),
-    kv_len=rule.get('kv_len'),
+    prefix=vary(rule.get('prefix'), 5 * row),
+    q_len=vary(rule.get('q_len'), -4 * row),
+    kv_len=vary(rule.get('kv_len'), 3 * row),
     starts=(0, 0),
-    offsets=rule.get('offsets', (0, 0)),
+    offsets=shift(rule.get('offsets', (0, 0))),
     kv_size=s,
     kv_extent=s,
     q_seg=ids,
@@ -200,7 +226,8 @@ def test_block_mask_is_exact_for_whole_blocks(rule):
     mask=rng.random((t, s)) < 0.02 if rule.get('mask') else None,
   )
   visible = numpy_visible(t, s, rules)
-  states = planned_states(visibility_of(rules), t, s, 4, 8)
+  _, states, plan = row_plan(visibility_of(rules), t, s, 4, 8)
+  check_plan(np.asarray(states), plan)
   np.testing.assert_array_equal(states, brute_states(visible, t, s, 4, 8))
 
 

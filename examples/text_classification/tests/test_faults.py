@@ -91,22 +91,35 @@ def test_sigterm_and_kill_9_then_resume_match_an_uninterrupted_run(tmp_path):
   assert 0 < first_part[-1] < second_part[0] < parts['wall_seconds']
 
 
-def test_damaged_best_checkpoint_falls_back_to_the_latest(tmp_path, capsys):
+@pytest.mark.parametrize('best', [5, 10])
+def test_damaged_best_checkpoint_falls_back_to_the_latest(
+  best, tmp_path, capsys, monkeypatch
+):
+  # Which evaluation is best is set here, so both ways of falling back run.
+  evaluate = train.evaluate
+
+  def evaluate_with_best(steps, state, *args):
+    result = evaluate(steps, state, *args)
+    return {**result, 'accuracy': 0.9 if int(state['step']) == best else 0.5}
+
+  monkeypatch.setattr(train, 'evaluate', evaluate_with_best)
   flags = [*TINY, '--workdir', str(tmp_path), '--eval_every', '5']
   main.main([*flags, '--num_steps', '10'])
-  best = read_json(tmp_path / 'summary.json')['best_step']
+  assert read_json(tmp_path / 'summary.json')['best_step'] == best
   damage(tmp_path / 'checkpoints' / str(best))
   os.remove(tmp_path / 'summary.json')  # as if killed while testing
   capsys.readouterr()
   main.main([*flags, '--num_steps', '10'])  # it is tested again
   captured = capsys.readouterr()
   assert f'checkpoints/{best} is damaged' in captured.err
-  if best == 5:  # the latest state is tested instead
-    assert 'testing the latest state (step 10)' in captured.err
-  else:  # the latest was the best: steps 6-10 are redone from step 5
-    assert 'resuming at step 5' in captured.out
+  if best == 5:  # set aside: the best readable one (the latest) is tested
+    assert read_json(tmp_path / 'summary.json')['best_step'] == 10
+    return
+  # The latest was the best: steps 6-10 are redone from step 5, and a
+  # running one goes on.
+  assert 'resuming at step 5' in captured.out
   assert read_json(tmp_path / 'summary.json')['best_step'] == 10
-  main.main([*flags, '--num_steps', '15'])  # and a running one goes on
+  main.main([*flags, '--num_steps', '15'])
   assert int(final_params(tmp_path)['step']) == 15
 
 
