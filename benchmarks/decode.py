@@ -16,7 +16,8 @@
    cache (pages of 256) against the dense one.
 
 Each ratio is the median over --rounds of two calls timed back to back,
-with their range. Writes JSON to --out.
+with their range. Appends the run to the JSON at --out (every run on the
+same machine is kept).
 """
 
 from __future__ import annotations
@@ -177,8 +178,16 @@ def main():
   paged_step(args.rounds, results)
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(dict(machine=info, results=results), indent=1))
-  print(f'wrote {out}')
+  # Every run is kept (the README quotes the stored runs' range); a run on
+  # another machine starts the file anew.
+  runs = []
+  if out.exists():
+    stored = json.loads(out.read_text())
+    if stored.get('machine') == info:
+      runs = stored.get('runs', [])
+  runs.append(dict(date=time.strftime('%Y-%m-%d %H:%M'), results=results))
+  out.write_text(json.dumps(dict(machine=info, runs=runs), indent=1))
+  print(f'wrote {out} ({len(runs)} runs)')
 
 
 if __name__ == '__main__':

@@ -116,7 +116,7 @@ def test_gradients_through_cached_keys(keys_per_step):
   # causal attention over the whole, through a paged cache (both read
   # settings) and a dense one.
   params, x = setup(4, sinks=True)
-  chunks = [(0, 5), (5, 6), (6, 9), (9, LENGTH)]
+  chunks = [(0, 5), (5, 6), (6, LENGTH)]
 
   def stepped(kind):
     def run(params, x):
@@ -289,6 +289,12 @@ def test_cache_size_and_no_copy_per_step():
   assert testing.temp_bytes(compiled) < cache.key.nbytes / 4
   paged = kv.init_paged_cache(params, 2, num_pages=16, page_size=64, max_pages=8)
   paged, _ = kv.allocate_pages(paged, 300, jnp.ones(16, bool))
+  # A paged step reads KEYS_PER_STEP keys at a time: a long pool (64 pages
+  # of 256 per sequence, 16384 keys) is never gathered whole.
+  pool = kv.init_paged_cache(params, 2, num_pages=128, page_size=256, max_pages=64)
+  compiled = step.lower(params, x, pool).compile()
+  gathered = 2 * kv.KEYS_PER_STEP * K * (64 + 64) * 4  # keys and values, float32
+  assert testing.temp_bytes(compiled) < 3 * gathered < pool.key_pages.nbytes / 4
   for before in (cache, paged):
     pointers = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(before)]
     _, after = step(params, x, before)

@@ -77,12 +77,13 @@ def test_each_sequence_reads_only_what_it_stored(keys_per_step):
     others = x.at[jnp.arange(3) != b].set(tokens(2)[jnp.arange(3) != b])
     changed, _ = run(params, others, messy_cache(params))
     np.testing.assert_array_equal(changed[b], out[b])
-    grad = jax.grad(lambda x, b=b: run(params, x, messy_cache(params))[0][b].sum())
-    for inputs in (x, others):
-      g = grad(inputs)
-      np.testing.assert_array_equal(g[jnp.arange(3) != b], 0.0)
-      assert np.abs(g[b]).sum() > 0
-    testing.assert_trees_close(grad(others)[b], grad(x)[b], jnp.float32)
+    if b == 1:  # gradients for the sequence with a hole (suite time)
+      grad = jax.grad(lambda x: run(params, x, messy_cache(params))[0][1].sum())
+      for inputs in (x, others):
+        g = grad(inputs)
+        np.testing.assert_array_equal(g[jnp.arange(3) != 1], 0.0)
+        assert np.abs(g[1]).sum() > 0
+      testing.assert_trees_close(grad(others)[1], grad(x)[1], jnp.float32)
 
 
 def test_a_page_outside_the_pool_is_no_other_sequence_s_page(keys_per_step):

@@ -359,3 +359,32 @@ def test_values_match_torch_flex_attention():
     np.testing.assert_allclose(
       out, expected.transpose(1, 2).numpy(), atol=2e-5, rtol=1e-4
     )
+
+
+def test_create_block_mask_never_builds_t_by_s():
+  # T = S = 4096: [T, S] bools are 16 MiB; one query block of every key,
+  # evaluated in turn, is 512 x 4096.
+  from jattn.block_mask import _states
+
+  t = 4096
+  static, leaves = jattn._mods.split(striped)
+  compiled = _states.lower(leaves, static, (1, 1, t, t), (512, 256)).compile()
+  assert testing.temp_bytes(compiled) < t * t / 4
+
+
+def test_mods_keep_flash_memory_linear():
+  # Forward + backward with a score_mod, a mask_mod and sinks: temp memory
+  # grows with T, not T·S (as without mods: tests/test_flash.py).
+  from tests.test_flash import flash_grad_temp_bytes
+
+  mods = dict(
+    score_mod=jattn.mods.alibi(jattn.mods.alibi_slopes(2)),
+    mask_mod=striped,
+    sinks=jnp.zeros(2),
+  )
+  small, large = (
+    flash_grad_temp_bytes(2048, **mods),
+    flash_grad_temp_bytes(4096, **mods),
+  )
+  assert large <= 2.2 * small, (small, large)
+  assert large < 4096 * 4096 * 4 / 4  # a [T, S] float32 buffer
