@@ -94,7 +94,8 @@ def dot_product_attention(
     sinks: float ``[H]``, one learnable logit per query head (attention
       sinks, as in gpt-oss): each row's softmax denominator also holds
       ``exp(sinks[h])``, a key with a zero value, so a row may give weight
-      to nothing. Differentiable. Rows with nothing visible stay zero.
+      to nothing. Differentiable. Rows with nothing visible stay zero; a
+      ``+inf`` sink takes every weight (zeros, zero gradients).
     mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True: may attend),
       written for one element as in PyTorch's FlexAttention and ANDed with
       every other mask: ``b`` the flat batch row, ``h`` the query head,
@@ -108,7 +109,10 @@ def dot_product_attention(
       its arrays as operands.
     block_mask: a ``jattn.BlockMask`` from ``jattn.create_block_mask``: its
       ``mask_mod``, and the blocks flash may skip or run without the test.
-      It fixes the block sizes.
+      It fixes the block sizes. Its states hold at positions ``0..T-1`` and
+      ``0..S-1``: with ``q_offsets`` or ``kv_offsets`` the mod is tested
+      element by element instead (the same mask, nothing skipped). A
+      ``mask_mod`` beside it must be its own.
 
   Returns:
     ``[B..., T, H, V]`` in the query's dtype. A query row with nothing to
