@@ -4,13 +4,8 @@ implicit rank or dtype promotion."""
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# 8 devices; and LLVM's optimisations off for the CPU code XLA emits: the
-# tests compile hundreds of small programs, and at level 0 compiling takes
-# about 40% less time (the programs, their numerics and their buffers are
-# XLA's, the same at any level; only the machine code is less tuned).
 os.environ['XLA_FLAGS'] = (
-  os.environ.get('XLA_FLAGS', '')
-  + ' --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0'
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 )
 
 import jax
