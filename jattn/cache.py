@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn import _checks, _numerics
+from jattn._mods import BlockMask
 from jattn._options import as_int
 from jattn.attention import attention_and_lse, dot_product_attention
 from jattn.multihead import _check_params, _project, _projections
@@ -402,7 +403,7 @@ def _check_options(cache, options) -> dict:
     # A block mask's states describe a whole call's blocks at positions 0..;
     # a step reads other rows at other positions, so it tests its mod per
     # element: the same mask, without the skipping.
-    if not hasattr(block_mask, 'mask_mod') or not hasattr(block_mask, 'states'):
+    if not isinstance(block_mask, BlockMask):
       raise TypeError(
         f'`block_mask` must be a jattn.BlockMask; got {type(block_mask).__name__}.'
       )
