@@ -277,8 +277,6 @@ def prepare(
     _checks.check_shape(x, name, batch_shape + tail, layout)
     return x.reshape((batch,) + tail).astype(jnp.int32)
 
-  positions = per_sequence
-
   if opts.scale is None:
     opts = dataclasses.replace(opts, scale=1.0 / math.sqrt(head_dim))
   seed = None
@@ -297,8 +295,8 @@ def prepare(
     q_seg=per_sequence(q_segment_ids, 'q_segment_ids', (q_len,), '[B..., T]'),
     kv_seg=per_sequence(kv_segment_ids, 'kv_segment_ids', (kv_len,), '[B..., S]'),
     mask=mask,
-    q_offset=positions(arrays.q_offsets, 'q_offsets'),
-    kv_offset=positions(arrays.kv_offsets, 'kv_offsets'),
+    q_offset=per_sequence(arrays.q_offsets, 'q_offsets'),
+    kv_offset=per_sequence(arrays.kv_offsets, 'kv_offsets'),
     batch_index=jnp.arange(batch, dtype=jnp.int32),
     head_index=jnp.arange(heads, dtype=jnp.int32),
   )

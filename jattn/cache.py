@@ -461,6 +461,7 @@ def _paged_attention(query, cache: PagedKVCache, options):
     )
     seen = jnp.clip(stored - index * span, 0, span)
     pages = jnp.where(_in_pool(cache, pages), pages, 0)  # past `seen` if not
+
     def gather(pool):  # float32 partial results: one rounding, at the end
       flat = pool[pages].reshape((pages.shape[0], span) + pool.shape[2:])
       return flat.astype(jnp.float32)
