@@ -52,12 +52,19 @@ def start_and_interrupt(workdir, flags, sig):
 
 def test_sigterm_and_kill_9_then_resume_match_an_uninterrupted_run(tmp_path):
   flags = ['--num_steps', '50', '--eval_every', '20', '--checkpoint_every', '10']
-  whole = run_main(tmp_path / 'whole', *flags)
-  assert whole.returncode == 0, whole.stderr[-3000:]
+  # The uninterrupted run goes on beside the first interrupted one.
+  whole = subprocess.Popen(
+    [sys.executable, MAIN, *TINY, '--workdir', str(tmp_path / 'whole'), *flags],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
   # SIGTERM: the run finishes its logging window, saves and exits.
   workdir = tmp_path / 'term'
   process, out, err = start_and_interrupt(workdir, flags, signal.SIGTERM)
+  whole_err = whole.communicate(timeout=300)[1]
+  assert whole.returncode == 0, whole_err[-3000:]
   assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
   assert 'checkpoint saved' in out
   stopped_at = max(int(step) for step in os.listdir(workdir / 'checkpoints'))
