@@ -13,9 +13,8 @@ mask and score functions: ALiBi, T5 buckets, documents), ``jattn.nnx`` and
 """
 
 from jattn import cache, linen, mods, nnx, sharding, testing
-from jattn._mods import BlockMask
 from jattn.attention import attention_weights, dot_product_attention
-from jattn.block_mask import create_block_mask
+from jattn.block_mask import BlockMask, create_block_mask
 from jattn.flax_compat import flax_attention_fn
 from jattn.masks import (
   causal_mask,

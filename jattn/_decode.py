@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jattn import _mods, _numerics
 from jattn._heads import map_heads
-from jattn._prepare import Prepared
+from jattn._types import Prepared
 
 # Query rows per KV head (T·G) the kernel takes: it holds [T·G, S] logits.
 MAX_ROWS = 64
@@ -57,11 +57,7 @@ def _per_head(p: Prepared, capped):
 def _head_free(p: Prepared) -> bool:
   """Whether every head of a row sees the same keys with the same logits
   (then the visibility value is asked once per row, not per head)."""
-  vis = p.vis
-  per_head = (p.bias, p.score_mod, vis.mask_mod, vis.mod_blocks)
-  return all(x is None for x in per_head) and (
-    vis.mask is None or vis.mask.shape[1] == 1
-  )
+  return p.bias is None and p.score_mod is None and not p.vis.differs_by_head
 
 
 def _row_visible(p: Prepared):

@@ -21,7 +21,8 @@ from jax import lax
 
 from jattn import _mods, _numerics
 from jattn._heads import grouped_sinks, map_heads
-from jattn._prepare import Prepared
+from jattn._options import block_sizes
+from jattn._types import Prepared
 from jattn._visibility import Visibility, logits_block, pad_axis, pad_logits
 
 # Backends where the rows of a batch whose block masks differ run in turn
@@ -29,18 +30,6 @@ from jattn._visibility import Visibility, logits_block, pad_axis, pad_logits
 # (parallel hardware wants the batch): every row then takes as many loop
 # steps as the row with the most blocks.
 ROWS_IN_TURN = ('cpu',)
-
-# Default (query, key) block sizes by backend; measured on a 2-core CPU with
-# benchmarks/attention.py, where larger key blocks amortise loop overhead.
-DEFAULT_BLOCKS = {'cpu': (512, 256), 'gpu': (128, 128), 'tpu': (512, 512)}
-
-
-def block_sizes(q_len: int, kv_len: int, requested=None) -> tuple[int, int]:
-  """Blocks for this shape and backend (or ``requested``), shrunk to the
-  lengths rounded up to a multiple of 8."""
-  block_q, block_k = requested or DEFAULT_BLOCKS.get(jax.default_backend(), (256, 256))
-  round8 = lambda n: -(-n // 8) * 8
-  return min(block_q, round8(q_len)), min(block_k, round8(kv_len))
 
 
 @dataclasses.dataclass(frozen=True)

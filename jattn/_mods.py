@@ -30,8 +30,6 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr, Var, jaxpr_as_fun
 
-from jattn._visibility import HIDDEN
-
 # Each mod's arguments, as it is called for one element.
 SIGNATURES = {
   'mask_mod': ('b', 'h', 'q_idx', 'kv_idx'),
@@ -246,39 +244,3 @@ def score_block_vjp(mod: Mod | None, score, indices):
     return mod.with_params(params).on_block(*indices, score)
 
   return jax.vjp(apply, score, mod.params)
-
-
-@jax.tree_util.register_pytree_node_class
-class BlockMask:
-  """A ``mask_mod`` and its block states, built by ``jattn.create_block_mask``.
-
-  ``states`` int8 ``[B|1, H|1, nq, nk]``: per (query block, key block) of
-  ``block_sizes`` over ``T`` x ``S`` (``shape = (B|1, H|1, T, S)``), 0 =
-  partial (the kernel tests each element with ``mask_mod``), 1 = full (every
-  element may attend: no test), 2 = hidden (skipped). A pytree: it passes
-  through ``jax.jit`` and can be built inside one from runtime data.
-  """
-
-  def __init__(self, states, mask_mod, shape, block_sizes):
-    self.states, self.mask_mod = states, mask_mod
-    self.shape, self.block_sizes = tuple(shape), tuple(block_sizes)
-
-  def tree_flatten(self):
-    static, leaves = split(self.mask_mod)
-    return (self.states, leaves), (static, self.shape, self.block_sizes)
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    static, shape, block_sizes = aux
-    states, leaves = children
-    return cls(states, join(static, leaves), shape, block_sizes)
-
-  def sparsity(self):
-    """The fraction of blocks skipped (hidden)."""
-    return jnp.mean(self.states == HIDDEN)
-
-  def __repr__(self):
-    return (
-      f'BlockMask(shape={self.shape}, block_sizes={self.block_sizes}, '
-      f'mask_mod={getattr(self.mask_mod, "__name__", self.mask_mod)})'
-    )

@@ -8,31 +8,13 @@ hashable ``Options`` that every layer below takes as it is.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 
+import jax
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-  """Everything static about a call (hashable: a ``jax.jit`` static argument).
-
-  ``scale`` None means ``1/sqrt(D)`` (``prepare`` fills it in); ``dropout_rate``
-  is 0 unless dropout will really be applied (a key is given and the call is
-  not deterministic).
-  """
-
-  scale: float | None = None
-  is_causal: bool = False
-  window: tuple[int, int] | None = None
-  chunk_size: int | None = None
-  soft_cap: float | None = None
-  dropout_rate: float = 0.0
-  implementation: str | None = None
-  block_sizes: tuple[int, int] | None = None
-  return_residual: bool = False
+from jattn._types import Options
 
 
 def _concrete(value, name: str):
@@ -103,23 +85,24 @@ def check_block_sizes(block_sizes) -> tuple[int, int] | None:
   return tuple(as_int(b, 'block_sizes', minimum=1) for b in block_sizes)
 
 
+# Default (query, key) block sizes by backend; measured on a 2-core CPU with
+# benchmarks/attention.py, where larger key blocks amortise loop overhead.
+DEFAULT_BLOCKS = {'cpu': (512, 256), 'gpu': (128, 128), 'tpu': (512, 512)}
+
+
+def block_sizes(q_len: int, kv_len: int, requested=None) -> tuple[int, int]:
+  """Blocks for this shape and backend (or ``requested``), shrunk to the
+  lengths rounded up to a multiple of 8."""
+  block_q, block_k = requested or DEFAULT_BLOCKS.get(jax.default_backend(), (256, 256))
+  round8 = lambda n: -(-n // 8) * 8
+  return min(block_q, round8(q_len)), min(block_k, round8(kv_len))
+
+
 def check_dropout_rate(dropout_rate) -> float:
   dropout_rate = as_float(dropout_rate, 'dropout_rate')
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f'`dropout_rate` must be in [0, 1); got {dropout_rate}.')
   return dropout_rate
-
-
-def check_implementation(implementation) -> str | None:
-  """None (automatic) or the name of a kernel in the registry."""
-  from jattn._registry import KERNELS  # the registry imports this module
-
-  names = (None, *KERNELS)
-  if implementation not in names:
-    raise ValueError(
-      f'`implementation` must be one of {names}; got {implementation!r}.'
-    )
-  return implementation
 
 
 def make_options(
@@ -156,7 +139,6 @@ def make_options(
       '`dropout_rng` is required when deterministic=False and '
       f'dropout_rate={dropout_rate} > 0.'
     )
-  check_implementation(implementation)
   applied = dropout_rate > 0.0 and dropout_rng is not None and not deterministic
   return Options(
     scale=scale,

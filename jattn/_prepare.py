@@ -14,48 +14,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn import _checks, _numerics
-from jattn._mods import BlockMask, CallDims, Mod, join, same_function, split
-from jattn._options import Options, make_options
-from jattn._visibility import Visibility
-
-
-class SequenceArrays(NamedTuple):
-  """The per-sequence arrays of a call, as the user passed them."""
-
-  query_seq_lengths: jnp.ndarray | None = None
-  key_value_seq_lengths: jnp.ndarray | None = None
-  q_segment_ids: jnp.ndarray | None = None
-  kv_segment_ids: jnp.ndarray | None = None
-  prefix_lengths: jnp.ndarray | None = None
-  q_offsets: jnp.ndarray | None = None
-  kv_offsets: jnp.ndarray | None = None
-
-
-class Prepared(NamedTuple):
-  """Kernel-ready arguments (what every kernel takes): one flat batch axis
-  B = prod(B...).
-
-  q [B, T, H, D], k [B, S, K, D], v [B, S, K, V] or None; bias
-  [B|1, H|1, T|1, S|1] or None; vis: who may attend (its arrays batched);
-  seed [B, H] uint32 for dropout or None; opts with its scale resolved;
-  batch_shape is the caller's B...; empty when B, T or S is zero; backend:
-  the platform the call compiles for ('cpu', 'gpu', 'tpu'); sinks [H]
-  float32 attention-sink logits or None.
-  """
-
-  q: jnp.ndarray
-  k: jnp.ndarray
-  v: jnp.ndarray | None
-  bias: jnp.ndarray | None
-  vis: Visibility
-  seed: jnp.ndarray | None
-  opts: Options
-  batch_shape: tuple[int, ...]
-  empty: bool = False
-  backend: str = 'cpu'
-  sinks: jnp.ndarray | None = None
-  score_mod: Mod | None = None
+from jattn import _checks, _numerics, _registry
+from jattn._mods import CallDims, Mod, join, same_function, split
+from jattn._options import make_options
+from jattn._types import Options, Prepared
+from jattn._visibility import ARRAYS, SEQUENCE_ARRAYS, STATIC_RULES, Visibility
+from jattn.block_mask import BlockMask
 
 
 class Mods(NamedTuple):
@@ -75,7 +39,7 @@ class Call(NamedTuple):
   value: jnp.ndarray | None = None
   bias: jnp.ndarray | None = None
   mask: jnp.ndarray | None = None
-  arrays: SequenceArrays = SequenceArrays()
+  arrays: dict | None = None  # by keyword: the set ones of SEQUENCE_ARRAYS
   dropout_rng: jnp.ndarray | None = None
   sinks: jnp.ndarray | None = None
   mod_leaves: tuple = ((), ())
@@ -116,6 +80,12 @@ def split_call(arguments: dict, *, strict: bool = False):
   return call, opts, statics
 
 
+def prepare_arguments(**arguments) -> Prepared:
+  """``prepare`` of a public call's keyword arguments, outside any jit (for
+  tests and tools that inspect a prepared call)."""
+  return prepare_call(*split_call(arguments, strict=True))
+
+
 def prepare_call(call: Call, opts: Options, statics) -> Prepared:
   """``prepare`` of a ``split_call``'s parts, inside the jit."""
   mask_mod, score_mod = map(join, statics, call.mod_leaves)
@@ -126,21 +96,19 @@ def prepare_call(call: Call, opts: Options, statics) -> Prepared:
   )  # fmt: skip
 
 
-def split_arguments(
-  arguments: dict, *, strict: bool = False
-) -> tuple[SequenceArrays, Options]:
+def split_arguments(arguments: dict, *, strict: bool = False) -> tuple[dict, Options]:
   """A public function's ``locals()`` (or, ``strict``, its ``**options``,
   where an unknown name is a TypeError) -> (its per-sequence arrays, its
   validated static options). Names a function lacks count as unset."""
   names = inspect.signature(make_options).parameters
   if strict:
-    unknown = sorted(set(arguments) - set(names) - set(SequenceArrays._fields))
+    unknown = sorted(set(arguments) - set(names) - set(SEQUENCE_ARRAYS))
     if unknown:
       raise TypeError(f'unknown attention option(s): {", ".join(unknown)}.')
-  arrays = SequenceArrays(
-    **{name: arguments.get(name) for name in SequenceArrays._fields}
-  )
-  return arrays, make_options(**{n: arguments[n] for n in names if n in arguments})
+  arrays = {n: arguments[n] for n in SEQUENCE_ARRAYS if arguments.get(n) is not None}
+  opts = make_options(**{n: arguments[n] for n in names if n in arguments})
+  _registry.check_implementation(opts.implementation)
+  return arrays, opts
 
 
 def _flatten_batch(x, batch_shape, batch: int, name: str, layout: str):
@@ -192,7 +160,7 @@ def prepare(
   value,
   bias,
   mask,
-  arrays: SequenceArrays,
+  arrays: dict,
   dropout_rng,
   opts: Options,
   sinks=None,
@@ -251,32 +219,7 @@ def prepare(
     _checks.check_bool(mask, 'mask')
     mask = _logits_shaped(mask, 'mask', batch_shape, heads, q_len, kv_len)
 
-  q_segment_ids, kv_segment_ids = arrays.q_segment_ids, arrays.kv_segment_ids
-  if arrays.prefix_lengths is not None and not opts.is_causal:
-    raise ValueError(
-      '`prefix_lengths` [B...] makes a causal mask bidirectional inside the '
-      'prefix; it needs is_causal=True.'
-    )
-  if kv_segment_ids is None and q_segment_ids is not None:
-    if kv_len != q_len:
-      raise ValueError(
-        '`kv_segment_ids` [B..., S] is required when T != S; got T='
-        f'{q_len}, S={kv_len}.'
-      )
-    kv_segment_ids = q_segment_ids
-  if q_segment_ids is None and kv_segment_ids is not None:
-    raise ValueError('`kv_segment_ids` was given without `q_segment_ids`.')
-
-  def per_sequence(x, name, tail=(), layout='[B...]'):
-    """int32 whatever the integer dtype given (int64 under x64), as the
-    kernels' row and column indices are."""
-    if x is None:
-      return None
-    x = jnp.asarray(x)
-    _checks.check_integer(x, name)
-    _checks.check_shape(x, name, batch_shape + tail, layout)
-    return x.reshape((batch,) + tail).astype(jnp.int32)
-
+  arrays = _sequence_arrays(arrays or {}, opts, batch_shape, q_len, kv_len)
   if opts.scale is None:
     opts = dataclasses.replace(opts, scale=1.0 / math.sqrt(head_dim))
   seed = None
@@ -285,18 +228,10 @@ def prepare(
   if opts.dropout_rate > 0.0:
     seed = jax.random.bits(dropout_rng, (batch, heads), jnp.uint32)
   vis = Visibility(
-    is_causal=opts.is_causal,
-    window=opts.window,
-    chunk_size=opts.chunk_size,
+    **{name: getattr(opts, name) for name in STATIC_RULES},
+    **arrays,
     kv_size=kv_len,
-    q_len=per_sequence(arrays.query_seq_lengths, 'query_seq_lengths'),
-    kv_len=per_sequence(arrays.key_value_seq_lengths, 'key_value_seq_lengths'),
-    prefix=per_sequence(arrays.prefix_lengths, 'prefix_lengths'),
-    q_seg=per_sequence(q_segment_ids, 'q_segment_ids', (q_len,), '[B..., T]'),
-    kv_seg=per_sequence(kv_segment_ids, 'kv_segment_ids', (kv_len,), '[B..., S]'),
     mask=mask,
-    q_offset=per_sequence(arrays.q_offsets, 'q_offsets'),
-    kv_offset=per_sequence(arrays.kv_offsets, 'kv_offsets'),
     batch_index=jnp.arange(batch, dtype=jnp.int32),
     head_index=jnp.arange(heads, dtype=jnp.int32),
   )
@@ -306,7 +241,7 @@ def prepare(
     mask_mod = Mod.trace(mask_mod, 'mask_mod', dims)
     if mod_blocks is not None:
       _check_broadcast_mod(mask_mod, mods.block_mask, dims)
-  if arrays.q_offsets is not None or arrays.kv_offsets is not None:
+  if 'q_offsets' in arrays or 'kv_offsets' in arrays:
     # The block states hold for positions 0..T-1 and 0..S-1: at other
     # positions the mod is tested element by element (same mask, no skips).
     mod_blocks = None
@@ -324,6 +259,45 @@ def prepare(
   return Prepared(
     q, k, v, bias, vis, seed, opts, batch_shape, empty, backend, sinks, score_mod
   )
+
+
+# A per-sequence array's trailing dims, by axis kind (after B...).
+_TAIL = {
+  'sequence': lambda t, s: (),
+  'rows': lambda t, s: (t,),
+  'cols': lambda t, s: (s,),
+}
+
+
+def _sequence_arrays(arrays: dict, opts: Options, batch_shape, q_len, kv_len) -> dict:
+  """The per-sequence arrays (``SEQUENCE_ARRAYS``) checked against the call
+  and flattened to ``[B, ...]`` int32 (whatever integer dtype was given, as
+  the kernels' row and column indices are); ``kv_segment_ids`` defaults to
+  ``q_segment_ids`` when T == S."""
+  if 'prefix_lengths' in arrays and not opts.is_causal:
+    raise ValueError(
+      '`prefix_lengths` [B...] makes a causal mask bidirectional inside the '
+      'prefix; it needs is_causal=True.'
+    )
+  if 'kv_segment_ids' not in arrays and 'q_segment_ids' in arrays:
+    if kv_len != q_len:
+      raise ValueError(
+        '`kv_segment_ids` [B..., S] is required when T != S; got T='
+        f'{q_len}, S={kv_len}.'
+      )
+    arrays = dict(arrays, kv_segment_ids=arrays['q_segment_ids'])
+  if 'q_segment_ids' not in arrays and 'kv_segment_ids' in arrays:
+    raise ValueError('`kv_segment_ids` was given without `q_segment_ids`.')
+  batch = math.prod(batch_shape)
+  checked = {}
+  for name, x in arrays.items():
+    array = ARRAYS[name]
+    tail = _TAIL[array.kind](q_len, kv_len)
+    x = jnp.asarray(x)
+    _checks.check_integer(x, name)
+    _checks.check_shape(x, name, batch_shape + tail, array.layout)
+    checked[name] = x.reshape((batch,) + tail).astype(jnp.int32)
+  return checked
 
 
 def _check_broadcast_mod(mask_mod: Mod, block_mask: BlockMask, dims: CallDims):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jattn import _mods, _numerics
 from jattn._heads import grouped_sinks, map_heads
-from jattn._prepare import Prepared
+from jattn._types import Prepared
 
 
 def _hidden_logits(opts, q, k, bias, vis, score_mod):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from jattn._decode import Decode
 from jattn._flash import Flash
-from jattn._prepare import Prepared
 from jattn._reference import Reference
+from jattn._types import Prepared
 from jattn._xla import Xla
 
 KERNELS = {
@@ -28,6 +28,16 @@ AUTO = {
   'cpu': ('decode', 'flash'),
   'tpu': ('decode', 'flash'),
 }
+
+
+def check_implementation(implementation) -> str | None:
+  """None (automatic) or the name of a kernel in the registry."""
+  names = (None, *KERNELS)
+  if implementation not in names:
+    raise ValueError(
+      f'`implementation` must be one of {names}; got {implementation!r}.'
+    )
+  return implementation
 
 
 def _takes(kernel, p: Prepared) -> bool:

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jattn import _flash, _numerics
+from jattn import _flash, _numerics, _options
 from jattn._heads import map_heads
-from jattn._prepare import Prepared
+from jattn._types import Prepared
 from jattn._visibility import pad_axis
 
 
@@ -289,7 +289,9 @@ class Ring:
     spec_bthd = P(b, seq_axis, m, None)
     spec = lambda x, s: None if x is None else s
     vis_specs = visibility_specs(vis, b, m, seq_axis)
-    blocks = _flash.block_sizes(q_size // chunks, kv_size // chunks, p.opts.block_sizes)
+    blocks = _options.block_sizes(
+      q_size // chunks, kv_size // chunks, p.opts.block_sizes
+    )
     layout_args = (seq_axis, q_size // n, kv_size // n, zigzag)
     ring = functools.partial(_local_ring, p.opts, blocks, layout_args)
     moves = _zigzag_moves(n)

@@ -44,13 +44,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jattn import masks
+from jattn._types import FULL, HIDDEN, PARTIAL
 
 # Stands for an unbounded position (well inside int32).
 _FAR = 2**29
 
-# Every array of the value and its axis kind, outside ``map_heads`` (after the
-# flat batch axis B):
+# Every array of the value, declared once: its axis kind outside ``map_heads``
+# (after the flat batch axis B), and for the per-sequence arrays a user passes
+# their public layout (the name is the public keyword):
 #   sequence  [B]                    one value per sequence
 #   heads     [H]                    one value per query head
 #   rows      [B, T]                 one per query row
@@ -60,27 +61,43 @@ _FAR = 2**29
 #   step      scalar                 shared by the batch (a ring step's starts)
 #   shared    any pytree             the same everywhere (a mod's arrays)
 # Inside ``map_heads`` each is one head's: a scalar, [T], [S], [T|1, S|1] or
-# [nq, nk].
-ARRAYS = {
-  'q_len': 'sequence',
-  'kv_len': 'sequence',
-  'prefix': 'sequence',
-  'q_offset': 'sequence',
-  'kv_offset': 'sequence',
-  'batch_index': 'sequence',
-  'head_index': 'heads',
-  'q_seg': 'rows',
-  'kv_seg': 'cols',
-  'mask': 'logits',
-  'mod_blocks': 'blocks',
-  'mask_mod': 'shared',
-  'q_start': 'step',
-  'kv_start': 'step',
-}
-_META = ('is_causal', 'window', 'chunk_size', 'q_size', 'kv_size', 'kv_extent')
+# [nq, nk]. From the kind follow ``map_heads``' axes, the kernels' padding,
+# the ring's chunking and mesh specs, and whether a rule depends on the head.
 
-# Block states, ordered as the kernels visit them.
-PARTIAL, FULL, HIDDEN = 0, 1, 2
+
+@dataclasses.dataclass(frozen=True)
+class Array:
+  """An array of the visibility value: its axis ``kind``; ``layout`` is the
+  public layout of one a user passes (None: the call sets it), ``what`` its
+  name in messages."""
+
+  kind: str
+  layout: str | None = None
+  what: str | None = None
+
+
+ARRAYS = {
+  'query_seq_lengths': Array('sequence', '[B...]'),
+  'key_value_seq_lengths': Array('sequence', '[B...]'),
+  'prefix_lengths': Array('sequence', '[B...]'),
+  'q_offsets': Array('sequence', '[B...]'),
+  'kv_offsets': Array('sequence', '[B...]'),
+  'q_segment_ids': Array('rows', '[B..., T]'),
+  'kv_segment_ids': Array('cols', '[B..., S]'),
+  'batch_index': Array('sequence'),
+  'head_index': Array('heads'),
+  'mask': Array('logits', what='mask'),
+  'mod_blocks': Array('blocks', what='block_mask'),
+  'mask_mod': Array('shared', what='mask_mod'),
+  'q_start': Array('step', what='sequence chunks'),
+  'kv_start': Array('step', what='sequence chunks'),
+}
+# The per-sequence arrays a user passes, by public keyword.
+SEQUENCE_ARRAYS = tuple(name for name, array in ARRAYS.items() if array.layout)
+# The static rules: fields of the call's ``Options`` (public keywords in
+# ``_types.OPTION_NAMES``).
+STATIC_RULES = ('is_causal', 'window', 'chunk_size')
+_META = (*STATIC_RULES, 'q_size', 'kv_size', 'kv_extent')
 
 
 @functools.partial(
@@ -100,15 +117,15 @@ class Visibility:
   q_size: int | None = None
   kv_size: int | None = None
   kv_extent: int | None = None
-  q_len: jax.Array | None = None
-  kv_len: jax.Array | None = None
-  prefix: jax.Array | None = None
-  q_offset: jax.Array | None = None
-  kv_offset: jax.Array | None = None
+  query_seq_lengths: jax.Array | None = None
+  key_value_seq_lengths: jax.Array | None = None
+  prefix_lengths: jax.Array | None = None
+  q_offsets: jax.Array | None = None
+  kv_offsets: jax.Array | None = None
   batch_index: jax.Array | None = None
   head_index: jax.Array | None = None
-  q_seg: jax.Array | None = None
-  kv_seg: jax.Array | None = None
+  q_segment_ids: jax.Array | None = None
+  kv_segment_ids: jax.Array | None = None
   mask: jax.Array | None = None
   mod_blocks: jax.Array | None = None
   mask_mod: object = None
@@ -122,9 +139,9 @@ class Visibility:
     ``by_kind[kind](array)``."""
     return self.replace(
       **{
-        name: by_kind[kind](getattr(self, name))
-        for name, kind in ARRAYS.items()
-        if kind in by_kind and getattr(self, name) is not None
+        name: by_kind[array.kind](getattr(self, name))
+        for name, array in ARRAYS.items()
+        if array.kind in by_kind and getattr(self, name) is not None
       }
     )
 
@@ -132,8 +149,8 @@ class Visibility:
     """The set arrays of ``kind``, by name."""
     return {
       name: getattr(self, name)
-      for name, k in ARRAYS.items()
-      if k == kind and getattr(self, name) is not None
+      for name, array in ARRAYS.items()
+      if array.kind == kind and getattr(self, name) is not None
     }
 
   @property
@@ -143,12 +160,21 @@ class Visibility:
     nothing), or the mask has a batch axis."""
     per_row = [
       name
-      for name, kind in ARRAYS.items()
-      if kind in ('sequence', 'rows', 'cols') and name != 'batch_index'
+      for name, array in ARRAYS.items()
+      if array.kind in ('sequence', 'rows', 'cols') and name != 'batch_index'
     ]
     by_array = any(getattr(self, name) is not None for name in per_row)
-    by_logits = [self.mask, self.mod_blocks]
-    return by_array or any(x is not None and x.shape[0] > 1 for x in by_logits)
+    by_logits = self.arrays_of('logits') | self.arrays_of('blocks')
+    return by_array or any(x.shape[0] > 1 for x in by_logits.values())
+
+  @property
+  def differs_by_head(self) -> bool:
+    """Whether the heads of a row may see different keys: a mod (it is
+    handed the head), or a mask or block mask with a head axis (outside
+    ``map_heads``)."""
+    by_logits = self.arrays_of('logits') | self.arrays_of('blocks')
+    by_head = any(x.shape[1] > 1 for x in by_logits.values())
+    return by_head or bool(self.arrays_of('shared'))
 
   @property
   def _q_first(self):
@@ -162,11 +188,11 @@ class Visibility:
   @property
   def _q_shift(self):
     """Position minus row."""
-    return 0 if self.q_offset is None else self.q_offset
+    return 0 if self.q_offsets is None else self.q_offsets
 
   @property
   def _kv_shift(self):
-    return 0 if self.kv_offset is None else self.kv_offset
+    return 0 if self.kv_offsets is None else self.kv_offsets
 
   def indices(self, r0, c0, rows: int, cols: int):
     """Rows ``[rows]`` and columns ``[cols]`` of the sequence that a block at
@@ -196,7 +222,7 @@ class Visibility:
     p_first, p_last = first + self._q_shift, last + self._q_shift
     by_position = []
     if self.is_causal:
-      prefix_end = -_FAR if self.prefix is None else self.prefix - 1
+      prefix_end = -_FAR if self.prefix_lengths is None else self.prefix_lengths - 1
       by_position.append(
         (
           (-_FAR, jnp.maximum(p_last, prefix_end)),
@@ -209,10 +235,11 @@ class Visibility:
       by_position.append(_chunk(p_first, p_last, self.chunk_size))
     rules = [_shift(rule, -self._kv_shift) for rule in by_position]
     extent = None if self.kv_extent is None else self._kv_first + self.kv_extent
-    limits = (self.kv_len, self.kv_size, extent)
+    limits = (self.key_value_seq_lengths, self.kv_size, extent)
     rules += [_below(limit) for limit in limits if limit is not None]
-    if self.q_len is not None:
-      rules.append(_all_if(first < self.q_len, last < self.q_len))
+    rows = self.query_seq_lengths
+    if rows is not None:
+      rules.append(_all_if(first < rows, last < rows))
     if not rules:
       return None
     shape = jnp.shape(first)
@@ -235,15 +262,15 @@ class Visibility:
       conditions.append(
         (kv_idx[None, :] >= low[:, None]) & (kv_idx[None, :] <= high[:, None])
       )
-    if self.q_seg is not None:
-      q_seg = lax.dynamic_slice_in_dim(self.q_seg, r0, rows)
-      kv_seg = lax.dynamic_slice_in_dim(self.kv_seg, c0, cols)
+    if self.q_segment_ids is not None:
+      q_seg = lax.dynamic_slice_in_dim(self.q_segment_ids, r0, rows)
+      kv_seg = lax.dynamic_slice_in_dim(self.kv_segment_ids, c0, cols)
       conditions.append(q_seg[:, None] == kv_seg[None, :])
     if self.mask is not None:
       conditions.append(logits_block(self.mask, r0, c0, rows, cols))
     if self.mask_mod is not None:
       conditions.append(self.mask_mod.on_block(*self.mod_indices(r0, c0, rows, cols)))
-    return masks.combine_masks(*conditions)
+    return functools.reduce(jnp.logical_and, conditions) if conditions else None
 
   def rows_with_keys(self, q_size: int, kv_size: int):
     """``[T]`` bool: the rows that see at least one key."""
@@ -277,7 +304,7 @@ class Visibility:
       some = (col_last >= low[:, None]) & (col_first <= high[:, None])
       every = (col_first >= full_low[:, None]) & (col_last <= full_high[:, None])
     for flags in (
-      _segment_blocks(self.q_seg, bq, self.kv_seg, bk),
+      _segment_blocks(self.q_segment_ids, bq, self.kv_segment_ids, bk),
       _mask_blocks(self.mask, bq, bk),
     ):
       if flags is not None:

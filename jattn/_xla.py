@@ -18,20 +18,21 @@ import jax.numpy as jnp
 
 from jattn import masks
 from jattn._heads import map_heads
-from jattn._prepare import Prepared
+from jattn._types import OPTION_NAMES, Prepared
+from jattn._visibility import ARRAYS
 
 # cuDNN's fused attention takes half precision and head dims up to 128 in
 # multiples of 8.
 _CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
-# What jax.nn.dot_product_attention expresses; q_size and kv_size (the real
-# rows and keys) are the lengths it is given; the batch and head indices
-# change nothing.
+# What jax.nn.dot_product_attention expresses (the visibility value's rules
+# and arrays, the options); q_size and kv_size (the real rows and keys) are the
+# lengths it is given; the batch and head indices change nothing.
 _RULES = {
   'is_causal',
   'window',
-  'q_len',
-  'kv_len',
+  'query_seq_lengths',
+  'key_value_seq_lengths',
   'mask',
   'q_size',
   'kv_size',
@@ -46,20 +47,11 @@ _OPTIONS = {
   'block_sizes',
   'return_residual',
 }
-# The public names of the rules and options it lacks.
+# The public names of the fields it lacks (the rest are named as they are).
 _NAMES = {
-  'chunk_size': 'attention_chunk_size',
-  'prefix': 'prefix_lengths',
-  'q_seg': 'segment ids',
-  'kv_seg': 'segment ids',
-  'q_offset': 'q_offsets',
-  'kv_offset': 'kv_offsets',
-  'q_start': 'sequence chunks',
-  'kv_start': 'sequence chunks',
+  **{name: array.what for name, array in ARRAYS.items() if array.what},
+  **OPTION_NAMES,
   'kv_extent': 'padded keys',
-  'soft_cap': 'logits_soft_cap',
-  'dropout_rate': 'dropout',
-  'mod_blocks': 'block_mask',
 }
 
 
@@ -135,14 +127,19 @@ class Xla:
       mask,
       scale=p.opts.scale,
       is_causal=vis.is_causal,
-      query_seq_lengths=as_int32(vis.q_len),
-      key_value_seq_lengths=as_int32(vis.kv_len),
+      query_seq_lengths=as_int32(vis.query_seq_lengths),
+      key_value_seq_lengths=as_int32(vis.key_value_seq_lengths),
       local_window_size=vis.window,
       implementation=self.name,
       return_residual=True,
     )
     out, lse = out.astype(p.q.dtype), lse.astype(jnp.float32)
-    if mask is None and vis.window is None and vis.kv_len is None and vis.q_len is None:
+    if (
+      mask is None
+      and vis.window is None
+      and vis.key_value_seq_lengths is None
+      and vis.query_seq_lengths is None
+    ):
       return out, lse  # top-left causal alone never empties a row
     q_size, kv_size = p.q.shape[1], p.k.shape[1]
     rows = map_heads(

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn import _prepare, _reference, _registry
+from jattn._types import Prepared
 
 
 def dot_product_attention(
@@ -143,7 +144,7 @@ def _attention_jit(call, opts, statics, lse_gradient=False):
   return run(p, kernel_for, lse_gradient)
 
 
-def run(p: _prepare.Prepared, kernel_for, lse_gradient: bool = False):
+def run(p: Prepared, kernel_for, lse_gradient: bool = False):
   """The public result of the prepared call ``p`` with the kernel
   ``kernel_for(p)``: ``[B..., T, H, V]``, and the log-sum-exp ``[B..., T, H]``
   with ``return_residual`` (in the query's dtype without a gradient, or with

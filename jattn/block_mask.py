@@ -1,5 +1,5 @@
-"""``create_block_mask``: which blocks a ``mask_mod`` hides, leaves partly or
-fully visible, evaluated block by block under ``jax.jit``."""
+"""``BlockMask`` and ``create_block_mask``: which blocks a ``mask_mod`` hides,
+leaves partly or fully visible, evaluated block by block under ``jax.jit``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,46 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn import _mods
-from jattn._flash import block_sizes as default_block_sizes
-from jattn._mods import BlockMask
 from jattn._options import as_int, check_block_sizes
-from jattn._visibility import FULL, HIDDEN, PARTIAL, Visibility
+from jattn._options import block_sizes as default_block_sizes
+from jattn._types import FULL, HIDDEN, PARTIAL
+from jattn._visibility import Visibility
+
+
+@jax.tree_util.register_pytree_node_class
+class BlockMask:
+  """A ``mask_mod`` and its block states, built by ``jattn.create_block_mask``.
+
+  ``states`` int8 ``[B|1, H|1, nq, nk]``: per (query block, key block) of
+  ``block_sizes`` over ``T`` x ``S`` (``shape = (B|1, H|1, T, S)``), 0 =
+  partial (the kernel tests each element with ``mask_mod``), 1 = full (every
+  element may attend: no test), 2 = hidden (skipped). A pytree: it passes
+  through ``jax.jit`` and can be built inside one from runtime data.
+  """
+
+  def __init__(self, states, mask_mod, shape, block_sizes):
+    self.states, self.mask_mod = states, mask_mod
+    self.shape, self.block_sizes = tuple(shape), tuple(block_sizes)
+
+  def tree_flatten(self):
+    static, leaves = _mods.split(self.mask_mod)
+    return (self.states, leaves), (static, self.shape, self.block_sizes)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    static, shape, block_sizes = aux
+    states, leaves = children
+    return cls(states, _mods.join(static, leaves), shape, block_sizes)
+
+  def sparsity(self):
+    """The fraction of blocks skipped (hidden)."""
+    return jnp.mean(self.states == HIDDEN)
+
+  def __repr__(self):
+    return (
+      f'BlockMask(shape={self.shape}, block_sizes={self.block_sizes}, '
+      f'mask_mod={getattr(self.mask_mod, "__name__", self.mask_mod)})'
+    )
 
 
 def create_block_mask(mask_mod, B, H, T, S, *, block_sizes=None) -> BlockMask:

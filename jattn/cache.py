@@ -45,11 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _checks, _numerics
-from jattn._mods import BlockMask
+from jattn import _checks, _numerics, _params
 from jattn._options import as_int
 from jattn.attention import attention_and_lse, dot_product_attention
-from jattn.multihead import _check_params, _project, _projections
+from jattn.block_mask import BlockMask
 
 
 @functools.partial(
@@ -101,7 +100,7 @@ class PagedKVCache:
 
 
 def _kv_shapes(params, dtype):
-  _check_params(params)
+  _params.check_params(params)
   _, kv_heads, head_dim = params['key']['kernel'].shape
   value_dim = params['value']['kernel'].shape[2]
   dtype = params['key']['kernel'].dtype if dtype is None else dtype
@@ -502,7 +501,7 @@ def multi_head_attention_step(
   docstring); eagerly, bad ``num_new`` or lengths raise.
   """
   _check_layout(cache)
-  query, key, value, dtype = _projections(params, inputs_q, None, None, dtype)
+  query, key, value, dtype = _params.projections(params, inputs_q, None, None, dtype)
   _check_cache(cache, key, value)
   if _concrete(cache.lengths):
     check_cache(cache)
@@ -511,7 +510,7 @@ def multi_head_attention_step(
   if 'sinks' in params:
     attention_kwargs = dict(attention_kwargs, sinks=params['sinks'])
   encoded = attend(query, cache, start, num_new, **attention_kwargs)
-  return _project(encoded, params['out'], '...thv,hvf->...tf', dtype), cache
+  return _params.project(encoded, params['out'], '...thv,hvf->...tf', dtype), cache
 
 
 def _check_cache(cache, key, value) -> None:

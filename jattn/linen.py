@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jattn import _options, cache, multihead
+from jattn import _options, _params, _wrappers, cache, multihead
 
 
 class MultiHeadAttention(nn.Module):
@@ -52,9 +52,9 @@ class MultiHeadAttention(nn.Module):
 
   def __post_init__(self):
     # Settings are checked when the module is built, not at its first call.
-    _options.check_dropout_rate(self.dropout_rate)
-    _options.as_bool(self.deterministic, 'deterministic', allow_none=True)
-    _options.check_implementation(self.implementation)
+    _wrappers.check_settings(
+      self.dropout_rate, self.deterministic, self.implementation, allow_none=True
+    )
     _options.as_int(self.num_heads, 'num_heads', minimum=1)
     super().__post_init__()
 
@@ -77,7 +77,7 @@ class MultiHeadAttention(nn.Module):
       kv_features=kv_inputs.shape[-1],
       **{name: getattr(self, name) for name in HYPERPARAMETERS},
     )
-    names = multihead.PROJECTIONS + (('sinks',) if self.use_sinks else ())
+    names = _params.PROJECTIONS + (('sinks',) if self.use_sinks else ())
     params = {
       name: self.param(name, functools.partial(shape.init_projection, name))
       for name in names
@@ -89,7 +89,7 @@ class MultiHeadAttention(nn.Module):
     )
     if not deterministic and dropout_rng is None:
       dropout_rng = self.make_rng('dropout')
-    settings = multihead.wrapper_settings(self, dropout_rng, deterministic)
+    settings = _wrappers.settings(self, dropout_rng, deterministic)
     if self.decode:
       return self._step(
         params, inputs_q, inputs_k, inputs_v, settings, attention_kwargs
@@ -109,7 +109,7 @@ class MultiHeadAttention(nn.Module):
     if inputs_k is not None or inputs_v is not None:
       raise ValueError('decode is self-attention: pass only `inputs_q`.')
     initialized = self.has_variable('cache', 'cached_key')
-    dtype = multihead._compute_dtype(self.dtype, inputs_q, *jax.tree.leaves(params))
+    dtype = _params.compute_dtype(self.dtype, inputs_q, *jax.tree.leaves(params))
     empty = functools.cache(  # built once, at init
       lambda: cache.init_cache(params, inputs_q.shape[0], inputs_q.shape[1], dtype)
     )

@@ -26,13 +26,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jattn import _checks
+from jattn import _checks, _params
 from jattn._options import as_bool, as_int
+from jattn._params import PROJECTIONS
 from jattn.attention import attention_weights, dot_product_attention
 
 Initializer = Callable[..., jnp.ndarray]
 LECUN_NORMAL = jax.nn.initializers.lecun_normal()  # Flax's default kernel init
-PROJECTIONS = ('query', 'key', 'value', 'out')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Hyperparameters:
   @classmethod
   def of_params(cls, params, **initializers) -> Hyperparameters:
     """The hyper-parameters of an existing pytree (read from its shapes)."""
-    _check_params(params)
+    _params.check_params(params)
     in_features, heads, head_dim = params['query']['kernel'].shape
     kv_features, kv_heads, value_dim = params['value']['kernel'].shape
     return cls(
@@ -168,155 +168,6 @@ def init_params(
   return Hyperparameters(in_features, num_heads, **hyperparameters).init(rng)
 
 
-_LAYOUTS = {
-  ('query', 'kernel'): '[E, H, D]',
-  ('key', 'kernel'): '[E, K, D]',
-  ('value', 'kernel'): '[E, K, V]',
-  ('out', 'kernel'): '[H, V, F]',
-  ('query', 'bias'): '[H, D]',
-  ('key', 'bias'): '[K, D]',
-  ('value', 'bias'): '[K, V]',
-  ('out', 'bias'): '[F]',
-}
-
-
-def _check_params(params) -> None:
-  """The pytree has the four projections with consistent shapes (and
-  optional sinks)."""
-  keys = set(params) - {'sinks'} if isinstance(params, dict) else None
-  if keys != set(PROJECTIONS):
-    got = sorted(params) if isinstance(params, dict) else type(params).__name__
-    raise ValueError(
-      f'`params` must be a dict with keys {list(PROJECTIONS)} (and optional '
-      f"'sinks'); got {got}."
-    )
-  for name in PROJECTIONS:
-    entry = params[name]
-    if not isinstance(entry, dict) or 'kernel' not in entry:
-      raise ValueError(f"`params['{name}']` must be a dict with a 'kernel'.")
-    for leaf, array in entry.items():
-      if leaf not in ('kernel', 'bias'):
-        raise ValueError(
-          f"`params['{name}']` holds {leaf!r}; only 'kernel' and 'bias' belong there."
-        )
-      if array is None:
-        raise TypeError(
-          f"`params['{name}']['{leaf}']` is None; leave the key out for no bias."
-        )
-      _checks.check_array(
-        array, f"params['{name}']['{leaf}']", min_rank=1, layout=_LAYOUTS[name, leaf]
-      )
-      _checks.check_floating(array, f"params['{name}']['{leaf}']")
-    if entry['kernel'].ndim != 3:
-      raise ValueError(
-        f"`params['{name}']['kernel']` must have rank 3; got shape "
-        f'{tuple(entry["kernel"].shape)}.'
-      )
-  heads, head_dim = params['query']['kernel'].shape[1:]
-  if 'sinks' in params:
-    _checks.check_array(params['sinks'], "params['sinks']", min_rank=1, layout='[H]')
-    _checks.check_floating(params['sinks'], "params['sinks']")
-    _checks.check_shape(params['sinks'], "params['sinks']", (heads,), '[H]')
-  kv_heads = params['key']['kernel'].shape[1]
-  if heads % kv_heads:
-    raise ValueError(
-      f"`params['key']['kernel']` [E, K, D] has K={kv_heads} heads, which "
-      f'does not divide the H={heads} query heads; got shape '
-      f'{tuple(params["key"]["kernel"].shape)}.'
-    )
-  expected = {
-    'key': (None, kv_heads, head_dim),
-    'value': (params['key']['kernel'].shape[0], kv_heads, None),
-    'out': (heads, params['value']['kernel'].shape[2], None),
-  }
-  for name, dims in expected.items():
-    actual = params[name]['kernel'].shape
-    if any(e is not None and e != a for e, a in zip(dims, actual, strict=True)):
-      raise ValueError(
-        f"`params['{name}']['kernel']` must be {_LAYOUTS[name, 'kernel']} = "
-        f'{tuple("?" if d is None else d for d in dims)} given the query '
-        f'kernel {tuple(params["query"]["kernel"].shape)}; got '
-        f'{tuple(actual)}.'
-      )
-  for name in PROJECTIONS:
-    kernel = params[name]['kernel']
-    bias = params[name].get('bias')
-    want = kernel.shape[-1:] if name == 'out' else kernel.shape[1:]
-    if bias is not None and tuple(bias.shape) != tuple(want):
-      raise ValueError(
-        f"`params['{name}']['bias']` must have shape {tuple(want)}; got "
-        f'{tuple(bias.shape)}.'
-      )
-
-
-def wrapper_settings(module, dropout_rng, deterministic) -> dict:
-  """What a Flax wrapper passes to ``multi_head_attention`` besides its
-  inputs: its compute dtype, dropout and implementation."""
-  return dict(
-    dtype=module.dtype,
-    dropout_rate=module.dropout_rate,
-    dropout_rng=dropout_rng,
-    deterministic=deterministic,
-    implementation=module.implementation,
-  )
-
-
-def _compute_dtype(dtype, *arrays):
-  """The given dtype, or the widest float among the arrays (Flax's rule)."""
-  if dtype is not None:
-    return _checks.check_float_dtype(dtype, 'dtype')
-  dtypes = {jnp.dtype(x.dtype) for x in arrays}
-  widest = max(dtypes, key=lambda d: d.itemsize)
-  if widest.itemsize == 2 and len(dtypes) > 1:  # bfloat16 with float16
-    return jnp.dtype(jnp.float32)
-  return widest
-
-
-def _project(x, projection, subscripts: str, dtype):
-  y = jnp.einsum(subscripts, x.astype(dtype), projection['kernel'].astype(dtype))
-  if 'bias' in projection:
-    bias = projection['bias'].astype(dtype)
-    y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
-  return y
-
-
-def _projections(params, inputs_q, inputs_k, inputs_v, dtype):
-  """``(query [B..., T, H, D], key [B..., S, K, D], value [B..., S, K, V],
-  compute dtype)`` after checking the inputs against the parameters."""
-  _check_params(params)
-  if inputs_k is None:
-    if inputs_v is not None:
-      raise ValueError('`inputs_v` was given without `inputs_k`.')
-    inputs_k = inputs_q
-  if inputs_v is None:
-    inputs_v = inputs_k
-  for name, x in (
-    ('inputs_q', inputs_q),
-    ('inputs_k', inputs_k),
-    ('inputs_v', inputs_v),
-  ):
-    _checks.check_array(x, name, min_rank=2, layout='[B..., T|S, E]')
-    _checks.check_floating(x, name)
-  _checks.check_dim(
-    inputs_q,
-    'inputs_q',
-    -1,
-    params['query']['kernel'].shape[0],
-    '[B..., T, E]',
-    "E (rows of params['query']['kernel'])",
-  )
-  for name, x in (('inputs_k', inputs_k), ('inputs_v', inputs_v)):
-    kernel = params['key' if name == 'inputs_k' else 'value']['kernel']
-    _checks.check_dim(
-      x, name, -1, kernel.shape[0], '[B..., S, E_kv]', 'E_kv (rows of its kernel)'
-    )
-  dtype = _compute_dtype(dtype, inputs_q, inputs_k, inputs_v, *jax.tree.leaves(params))
-  query = _project(inputs_q, params['query'], '...te,ehd->...thd', dtype)
-  key = _project(inputs_k, params['key'], '...se,ekd->...skd', dtype)
-  value = _project(inputs_v, params['value'], '...se,ekv->...skv', dtype)
-  return query, key, value, dtype
-
-
 def multi_head_attention(
   params,
   inputs_q,
@@ -349,21 +200,23 @@ def multi_head_attention(
   Returns:
     ``[B..., T, F]`` in the compute dtype.
   """
-  query, key, value, dtype = _projections(params, inputs_q, inputs_k, inputs_v, dtype)
+  query, key, value, dtype = _params.projections(
+    params, inputs_q, inputs_k, inputs_v, dtype
+  )
   encoded = dot_product_attention(
     query,
     key,
     value,
     bias,
     mask,
-    sinks=_sinks(params, attention_kwargs),
+    sinks=_params.sinks(params, attention_kwargs),
     dropout_rate=dropout_rate,
     dropout_rng=dropout_rng,
     deterministic=deterministic,
     implementation=implementation,
     **attention_kwargs,
   )
-  return _project(encoded, params['out'], '...thv,hvf->...tf', dtype)
+  return _params.project(encoded, params['out'], '...thv,hvf->...tf', dtype)
 
 
 def multi_head_attention_weights(
@@ -375,16 +228,6 @@ def multi_head_attention_weights(
   ``options`` are ``jattn.attention_weights``'s (``is_causal``, lengths,
   segment ids, window, ...). Materialises ``[T, S]`` per head.
   """
-  query, key, _, _ = _projections(params, inputs_q, inputs_k, None, dtype)
-  sinks = _sinks(params, options)
+  query, key, _, _ = _params.projections(params, inputs_q, inputs_k, None, dtype)
+  sinks = _params.sinks(params, options)
   return attention_weights(query, key, bias, mask, sinks=sinks, **options)
-
-
-def _sinks(params, options):
-  """``params['sinks']`` (or None); sinks come from the pytree only."""
-  if 'sinks' in options:
-    raise TypeError(
-      "`sinks` of the multi-head functions are the parameter params['sinks'] "
-      '(init with use_sinks=True), not an option.'
-    )
-  return params.get('sinks')

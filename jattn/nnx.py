@@ -11,7 +11,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn import _options, cache, multihead
+from jattn import _options, _params, _wrappers, cache, multihead
 
 
 class _Projection(nnx.Module):
@@ -26,15 +26,6 @@ class _Projection(nnx.Module):
     if self.bias is not None:
       arrays['bias'] = self.bias[...]
     return arrays
-
-
-def _check_settings(dropout_rate, deterministic, implementation):
-  """The module's static settings, checked when it is built (not at a call)."""
-  return (
-    _options.check_dropout_rate(dropout_rate),
-    _options.as_bool(deterministic, 'deterministic'),
-    _options.check_implementation(implementation),
-  )
 
 
 class MultiHeadAttention(nnx.Module):
@@ -73,8 +64,8 @@ class MultiHeadAttention(nnx.Module):
       raise TypeError(
         f'`rngs` must be an nnx.Rngs (e.g. nnx.Rngs(0)); got {type(rngs).__name__}.'
       )
-    dropout_rate, deterministic, implementation = _check_settings(
-      dropout_rate, deterministic, implementation
+    dropout_rate, deterministic, implementation = _wrappers.check_settings(
+      dropout_rate, deterministic, implementation, allow_none=False
     )
     if dropout_rate > 0.0 and 'dropout' not in rngs and 'default' not in rngs:
       raise ValueError(
@@ -108,7 +99,7 @@ class MultiHeadAttention(nnx.Module):
     self.cache_lengths = nnx.Cache(empty.lengths)
 
   def _set_params(self, params) -> None:
-    multihead._check_params(params)
+    _params.check_params(params)
     self.query = _Projection(params['query'])
     self.key = _Projection(params['key'])
     self.value = _Projection(params['value'])
@@ -144,7 +135,7 @@ class MultiHeadAttention(nnx.Module):
 
   def to_params(self) -> dict:
     """The plain parameter pytree (Flax linen's layout, and 'sinks')."""
-    params = {name: getattr(self, name).as_dict() for name in multihead.PROJECTIONS}
+    params = {name: getattr(self, name).as_dict() for name in _params.PROJECTIONS}
     if self.sinks is not None:
       params['sinks'] = self.sinks[...]
     return params
@@ -175,7 +166,7 @@ class MultiHeadAttention(nnx.Module):
           'module with an nnx.Rngs that has a dropout stream.'
         )
       dropout_rng = stream()
-    settings = multihead.wrapper_settings(self, dropout_rng, deterministic)
+    settings = _wrappers.settings(self, dropout_rng, deterministic)
     if self.decode if decode is None else decode:
       return self._step(inputs_q, inputs_k, inputs_v, settings, attention_kwargs)
     return multihead.multi_head_attention(

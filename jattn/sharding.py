@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jattn import _prepare, _ring, attention, cache
-from jattn.multihead import PROJECTIONS
+from jattn._params import PROJECTIONS
 
 DATA, MODEL, SEQ = 'data', 'model', 'seq'
 AXES = (DATA, MODEL, SEQ)

@@ -124,7 +124,7 @@ CASES = {
       kv_segment_ids=jnp.zeros((2, 7), int),
     ),
     ValueError,
-    'segment ids',
+    'q_segment_ids; kv_segment_ids',
   ),
   'xla with soft cap': (
     attend(implementation='xla', logits_soft_cap=5.0),

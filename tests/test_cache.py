@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding
 
 import jattn
-from jattn import _decode, _options, _prepare, sharding, testing
+from jattn import _decode, _prepare, sharding, testing
 from jattn import cache as kv
 from tests import helpers
 from tests.test_multihead import flax_nnx_with
@@ -173,9 +173,10 @@ def test_decode_kernel_matches_the_reference(feature):
 
 def test_split_kv_equals_one_pass():
   q, k, v = helpers.qkv(1, q_len=1, kv_len=512)
-  arrays = _prepare.SequenceArrays(q_offsets=jnp.array([300, 511]))
-  options = _options.make_options(is_causal=True)
-  p = _prepare.prepare(q, k, v, None, None, arrays, None, options, jnp.ones(4))
+  p = _prepare.prepare_arguments(
+    query=q, key=k, value=v, q_offsets=jnp.array([300, 511]), is_causal=True,
+    sinks=jnp.ones(4),
+  )  # fmt: skip
   one = _decode.decode_attention(p, 1)
   for splits in (2, 4):
     testing.assert_trees_close(_decode.decode_attention(p, splits), one, jnp.float32)
@@ -188,8 +189,7 @@ def test_split_kv_equals_one_pass():
 def test_automatic_choice_takes_decode_for_few_queries_and_many_keys():
   def chosen(q_len, kv_len, heads=4):
     q, k, v = helpers.qkv(0, q_len=q_len, kv_len=kv_len, heads=heads)
-    options = _options.make_options()
-    p = _prepare.prepare(q, k, v, None, None, _prepare.SequenceArrays(), None, options)
+    p = _prepare.prepare_arguments(query=q, key=k, value=v)
     return jattn._registry.select(p).name
 
   assert chosen(1, 1024) == 'decode'

@@ -221,8 +221,7 @@ def test_rows_with_different_layouts(in_turn, monkeypatch):
 def test_when_rows_run_in_turn():
   def decide(backend='cpu', batch=(2,), q_len=T, mask=None, **options):
     q, k, v = helpers.qkv(0, batch=batch, q_len=q_len, kv_len=q_len)
-    arrays, opts = _prepare.split_arguments(options, strict=True)
-    p = _prepare.prepare(q, k, v, None, mask, arrays, None, opts)
+    p = _prepare.prepare_arguments(query=q, key=k, value=v, mask=mask, **options)
     return _flash.rows_in_turn(p._replace(backend=backend), (8, 8))
 
   offsets = dict(q_offsets=jnp.array([0, 3]))

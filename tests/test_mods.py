@@ -7,7 +7,8 @@ import pytest
 
 import jattn
 from jattn import sharding, testing
-from jattn._visibility import FULL, HIDDEN, PARTIAL, Visibility
+from jattn._types import FULL, HIDDEN, PARTIAL
+from jattn._visibility import Visibility
 from tests import helpers
 
 T, S = 13, 11  # odd lengths: the kernels pad to whole blocks of 8
@@ -118,7 +119,7 @@ def test_mask_mod_equals_the_same_dense_mask(implementation):
 def test_mods_are_handed_only_real_rows_and_columns():
   # A ring step's padded block: rows past T and columns past S are clamped to
   # the last real one before the offsets are added.
-  vis = Visibility(q_size=5, kv_size=3, q_start=jnp.int32(4), q_offset=jnp.int32(10))
+  vis = Visibility(q_size=5, kv_size=3, q_start=jnp.int32(4), q_offsets=jnp.int32(10))
   _, _, q_idx, kv_idx = vis.mod_indices(0, 0, 4, 8)
   np.testing.assert_array_equal(q_idx, [14, 14, 14, 14])
   np.testing.assert_array_equal(kv_idx, [0, 1, 2, 2, 2, 2, 2, 2])

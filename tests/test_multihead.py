@@ -12,7 +12,7 @@ from flax import nnx
 import jattn
 import jattn.linen
 import jattn.nnx
-from jattn import testing
+from jattn import _params, testing
 from tests import helpers
 
 E, H = 16, 4
@@ -259,7 +259,7 @@ def test_sinks_are_a_learnable_parameter_of_the_function_and_wrappers():
   assert jattn.param_shapes(E, H, use_sinks=True)['sinks'] == (H,)
   chex.assert_trees_all_equal(params['sinks'], jnp.zeros(H))
   params['sinks'] = jnp.array([0.5, -1.0, 2.0, 0.0])
-  q, k, v, _ = jattn.multihead._projections(params, x, None, None, None)
+  q, k, v, _ = _params.projections(params, x, None, None, None)
   attended = jattn.dot_product_attention(q, k, v, is_causal=True, sinks=params['sinks'])
   expected = jnp.einsum('bthv,hvf->btf', attended, params['out']['kernel'])
   expected = expected + params['out']['bias'][None, None]

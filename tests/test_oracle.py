@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import _flash, _prepare
+from jattn import _options, _prepare
 from jattn._heads import map_heads
-from jattn._visibility import FULL, HIDDEN
+from jattn._types import FULL, HIDDEN
 from tests import helpers
 
 B, T, S, H = 2, 13, 11, 4
@@ -111,7 +111,7 @@ def test_flash_visits_exactly_the_blocks_that_hold_a_visible_key():
     dict(query=q, key=k, value=v, is_causal=True, block_mask=block_mask), strict=True
   )
   p = _prepare.prepare_call(call, opts, statics)
-  bq, bk = _flash.block_sizes(t, s, p.opts.block_sizes)
+  bq, bk = _options.block_sizes(t, s, p.opts.block_sizes)
 
   def head(q, k, v, bias, vis, seed):
     return vis.block_states(bq, bk, t // bq, s // bk)

@@ -16,8 +16,7 @@ from tests import helpers
 
 def prepared(dtype, backend, **options):
   q, k, v = (x.astype(dtype) for x in helpers.qkv(0, q_len=16, kv_len=16))
-  arrays, opts = _prepare.split_arguments(options, strict=True)
-  p = _prepare.prepare(q, k, v, None, None, arrays, None, opts)
+  p = _prepare.prepare_arguments(query=q, key=k, value=v, **options)
   return p._replace(backend=backend)
 
 

@@ -13,7 +13,8 @@ import pytest
 
 import jattn
 from jattn import sharding, testing
-from jattn._visibility import FULL, HIDDEN, PARTIAL, Visibility
+from jattn._types import FULL, HIDDEN, PARTIAL
+from jattn._visibility import Visibility
 from tests import helpers
 
 
@@ -55,15 +56,15 @@ def visibility_of(rules):
     chunk_size=rules['chunk'],
     kv_size=rules['kv_size'],
     kv_extent=rules['kv_extent'],
-    q_len=as_array(rules['q_len']),
-    kv_len=as_array(rules['kv_len']),
-    prefix=as_array(rules['prefix']),
+    query_seq_lengths=as_array(rules['q_len']),
+    key_value_seq_lengths=as_array(rules['kv_len']),
+    prefix_lengths=as_array(rules['prefix']),
     q_start=as_array(rules['starts'][0]),
     kv_start=as_array(rules['starts'][1]),
-    q_offset=as_array(rules['offsets'][0]),
-    kv_offset=as_array(rules['offsets'][1]),
-    q_seg=as_array(rules['q_seg']),
-    kv_seg=as_array(rules['kv_seg']),
+    q_offsets=as_array(rules['offsets'][0]),
+    kv_offsets=as_array(rules['offsets'][1]),
+    q_segment_ids=as_array(rules['q_seg']),
+    kv_segment_ids=as_array(rules['kv_seg']),
     mask=as_array(rules['mask']),
   )
 
@@ -367,8 +368,7 @@ def test_xla_refuses_a_rule_it_was_not_taught():
   from jattn import _prepare, _registry
 
   q, k, v = helpers.qkv(0)
-  arrays, opts = _prepare.split_arguments({'is_causal': True})
-  p = _prepare.prepare(q, k, v, None, None, arrays, None, opts)
+  p = _prepare.prepare_arguments(query=q, key=k, value=v, is_causal=True)
   xla = _registry.KERNELS['xla']
   assert xla.supports(p) == []
   with_rule = dataclasses.make_dataclass(
@@ -491,9 +491,9 @@ def test_packed_documents_and_block_diagonal_masks_skip_other_documents():
     True: np.where(same & below, np.where(diagonal, PARTIAL, FULL), HIDDEN),
   }
   for vis in (
-    Visibility(q_seg=ids, kv_seg=ids),
+    Visibility(q_segment_ids=ids, kv_segment_ids=ids),
     Visibility(mask=block_diagonal),
-    Visibility(is_causal=True, q_seg=ids, kv_seg=ids),
+    Visibility(is_causal=True, q_segment_ids=ids, kv_segment_ids=ids),
   ):
     states = vis.block_states(8, 8, 8, 8)
     np.testing.assert_array_equal(states, expected[vis.is_causal])
