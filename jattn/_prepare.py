@@ -18,7 +18,7 @@ from jattn import _checks, _numerics, _registry
 from jattn._mods import CallDims, Mod, join, same_function, split
 from jattn._options import make_options
 from jattn._types import Options, Prepared
-from jattn._visibility import ARRAYS, SEQUENCE_ARRAYS, STATIC_RULES, Visibility
+from jattn._visibility import ARRAYS, STATIC_RULES, Visibility, sequence_arrays
 from jattn.block_mask import BlockMask
 
 
@@ -39,7 +39,7 @@ class Call(NamedTuple):
   value: jnp.ndarray | None = None
   bias: jnp.ndarray | None = None
   mask: jnp.ndarray | None = None
-  arrays: dict | None = None  # by keyword: the set ones of SEQUENCE_ARRAYS
+  arrays: dict | None = None  # by keyword: the set ones of sequence_arrays()
   dropout_rng: jnp.ndarray | None = None
   sinks: jnp.ndarray | None = None
   mod_leaves: tuple = ((), ())
@@ -102,10 +102,10 @@ def split_arguments(arguments: dict, *, strict: bool = False) -> tuple[dict, Opt
   validated static options). Names a function lacks count as unset."""
   names = inspect.signature(make_options).parameters
   if strict:
-    unknown = sorted(set(arguments) - set(names) - set(SEQUENCE_ARRAYS))
+    unknown = sorted(set(arguments) - set(names) - set(sequence_arrays()))
     if unknown:
       raise TypeError(f'unknown attention option(s): {", ".join(unknown)}.')
-  arrays = {n: arguments[n] for n in SEQUENCE_ARRAYS if arguments.get(n) is not None}
+  arrays = {n: arguments[n] for n in sequence_arrays() if arguments.get(n) is not None}
   opts = make_options(**{n: arguments[n] for n in names if n in arguments})
   _registry.check_implementation(opts.implementation)
   return arrays, opts
@@ -270,7 +270,7 @@ _TAIL = {
 
 
 def _sequence_arrays(arrays: dict, opts: Options, batch_shape, q_len, kv_len) -> dict:
-  """The per-sequence arrays (``SEQUENCE_ARRAYS``) checked against the call
+  """The per-sequence arrays (``sequence_arrays()``) checked against the call
   and flattened to ``[B, ...]`` int32 (whatever integer dtype was given, as
   the kernels' row and column indices are); ``kv_segment_ids`` defaults to
   ``q_segment_ids`` when T == S."""

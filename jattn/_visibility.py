@@ -1,43 +1,48 @@
 """Who may attend: one value that every kernel asks, and none re-derives.
 
 A local query row ``i`` is row ``r = q_start + i`` of the whole sequence
-(``q_start`` is non-zero for a ring step), at position ``p = q_offset + r``
-(``q_offset`` is the caller's per-sequence offset, the position of row 0);
+(``q_start`` is non-zero for a ring step), at position ``p = q_offsets + r``
+(``q_offsets`` is the caller's per-sequence offset, the position of row 0);
 likewise key column ``j`` is column ``c = kv_start + j`` at position
-``p' = kv_offset + c``. Row r may see column c when every one of these holds:
+``p' = kv_offsets + c``. Row r may see column c when every one of these holds:
 
-  causal (top-left)   p' <= p, or p' < prefix_length (prefix-LM)
+  causal (top-left)   p' <= p, or p' < prefix_lengths (prefix-LM)
   window (l, r)       p - left <= p' <= p + right
   chunk C             p // C == p' // C
-  lengths             r < q_len and c < kv_len (counts, from row/column 0)
+  lengths             r < query_seq_lengths and c < key_value_seq_lengths
+                      (counts, from row/column 0)
   real keys           c < kv_size, and local column j < kv_extent (hide the
                       padding of a ring and of a kernel's blocks)
-  segments            q_seg[r] == kv_seg[c]
+  segments            q_segment_ids[r] == kv_segment_ids[c]
   dense mask          mask[r, c]
   mask_mod            mask_mod(b, h, p, p') (the user's function, ``_mods``)
 
-Each rule is said once. The *interval* rules (all but the last two) give,
-for a run of rows ``first..last``, the columns some row sees and the columns
+Each rule is said once. The static rules (causal, window, chunk: options of
+the call) and every array (``ARRAYS``: its public keyword, axis kind, layout
+and rule) are declared here and nowhere else. The *interval* rules give, for
+a run of rows ``first..last``, the columns some row sees and the columns
 every row sees, both intervals; with ``first == last`` that is the row's
-exact visible interval, which is the element test. The *array* rules give an
-element test and per-block flags (segment ids by the blocks' min and max ids,
-correct for unsorted ids; a dense mask by its blocks' any and all; a
+exact visible interval, which is the element test. The other rules give an
+element test and per-block flags (segment ids by the blocks' min and max
+ids, correct for unsorted ids; a dense mask by its blocks' any and all; a
 ``mask_mod`` by the states of its block mask, ``jattn.create_block_mask``,
 else every block it touches is partial). A mod is handed positions of real
 rows and columns only: padded ones are clamped to the last real one.
 ``block_states`` classifies every (query block, key block) pair as hidden,
-partial (test each element) or full (no test) from both, for one row of the
-batch and one head (``block_plan``: the visit lists): skipping follows each
-sequence's own layout.
+partial (test each element) or full (no test) from all of them, for one row
+of the batch and one head (``block_plan``: the visit lists): skipping
+follows each sequence's own layout.
 
-Each array is declared once in ``ARRAYS`` with its axis kind; ``map_heads``,
-the kernels' padding and the ring's chunking and mesh specs follow the kinds.
+From an array's kind follow ``map_heads``' axes, the kernels' padding, the
+ring's chunking and mesh specs, whether the rows or heads may differ, the
+public keyword's checks (``_prepare``) and the xla kernel's refusal.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -67,103 +72,189 @@ _FAR = 2**29
 
 @dataclasses.dataclass(frozen=True)
 class Array:
-  """An array of the visibility value: its axis ``kind``; ``layout`` is the
-  public layout of one a user passes (None: the call sets it), ``what`` its
-  name in messages."""
+  """An array of the visibility value, and the rule it states (if any).
+
+  ``kind``: its axis kind; ``layout``: the public layout of one a user
+  passes (by its keyword; None: the call sets it); ``what``: its name in
+  messages. The rule, as functions of the (one head's) value:
+  ``interval(vis, first, last)`` -> ``(seen, full)``, the columns that some
+  and every row of ``first..last`` may see (``Visibility._intervals``);
+  or, for a rule that is not an interval, ``elements(vis, r0, c0, rows,
+  cols)`` -> ``[rows|1, cols|1]`` bool and ``blocks(vis, bq, bk)`` ->
+  ``(some, every)`` ``[nq|1, nk|1]`` flags (some element of the block may
+  be visible; every one is).
+  """
 
   kind: str
   layout: str | None = None
   what: str | None = None
+  interval: Callable | None = None
+  elements: Callable | None = None
+  blocks: Callable | None = None
+
+
+def _query_lengths(vis, first, last):
+  """Rows past the query length see nothing."""
+  lengths = vis.query_seq_lengths
+  return _all_if(first < lengths, last < lengths)
+
+
+def _key_lengths(vis, first, last):
+  """Columns past the key length are hidden."""
+  return _below(vis.key_value_seq_lengths)
+
+
+def _segment_elements(vis, r0, c0, rows: int, cols: int):
+  q_seg = lax.dynamic_slice_in_dim(vis.q_segment_ids, r0, rows)
+  kv_seg = lax.dynamic_slice_in_dim(vis.kv_segment_ids, c0, cols)
+  return q_seg[:, None] == kv_seg[None, :]
+
+
+def _mask_elements(vis, r0, c0, rows: int, cols: int):
+  return logits_block(vis.mask, r0, c0, rows, cols)
+
+
+def _mod_elements(vis, r0, c0, rows: int, cols: int):
+  return vis.mask_mod.on_block(*vis.mod_indices(r0, c0, rows, cols))
+
+
+def _mod_block_flags(vis, bq: int, bk: int):
+  """From the states of the mod's block mask; without one every block the
+  mod applies to is partial (tested element by element)."""
+  if vis.mod_blocks is None:
+    return True, False
+  return vis.mod_blocks != HIDDEN, vis.mod_blocks == FULL
 
 
 ARRAYS = {
-  'query_seq_lengths': Array('sequence', '[B...]'),
-  'key_value_seq_lengths': Array('sequence', '[B...]'),
-  'prefix_lengths': Array('sequence', '[B...]'),
+  'query_seq_lengths': Array('sequence', '[B...]', interval=_query_lengths),
+  'key_value_seq_lengths': Array('sequence', '[B...]', interval=_key_lengths),
+  'prefix_lengths': Array('sequence', '[B...]'),  # part of the causal rule
   'q_offsets': Array('sequence', '[B...]'),
   'kv_offsets': Array('sequence', '[B...]'),
-  'q_segment_ids': Array('rows', '[B..., T]'),
+  'q_segment_ids': Array(
+    'rows',
+    '[B..., T]',
+    elements=_segment_elements,
+    blocks=lambda vis, bq, bk: _segment_blocks(
+      vis.q_segment_ids, bq, vis.kv_segment_ids, bk
+    ),
+  ),
   'kv_segment_ids': Array('cols', '[B..., S]'),
   'batch_index': Array('sequence'),
   'head_index': Array('heads'),
-  'mask': Array('logits', what='mask'),
+  'mask': Array(
+    'logits',
+    what='mask',
+    elements=_mask_elements,
+    blocks=lambda vis, bq, bk: _mask_blocks(vis.mask, bq, bk),
+  ),
   'mod_blocks': Array('blocks', what='block_mask'),
-  'mask_mod': Array('shared', what='mask_mod'),
+  'mask_mod': Array(
+    'shared', what='mask_mod', elements=_mod_elements, blocks=_mod_block_flags
+  ),
   'q_start': Array('step', what='sequence chunks'),
   'kv_start': Array('step', what='sequence chunks'),
 }
-# The per-sequence arrays a user passes, by public keyword.
-SEQUENCE_ARRAYS = tuple(name for name, array in ARRAYS.items() if array.layout)
+
+
+def sequence_arrays() -> tuple[str, ...]:
+  """The per-sequence arrays a user passes, by public keyword."""
+  return tuple(name for name, array in ARRAYS.items() if array.layout)
+
+
 # The static rules: fields of the call's ``Options`` (public keywords in
-# ``_types.OPTION_NAMES``).
+# ``_types.OPTION_NAMES``), and the value's other static fields.
 STATIC_RULES = ('is_causal', 'window', 'chunk_size')
 _META = (*STATIC_RULES, 'q_size', 'kv_size', 'kv_extent')
 
 
-@functools.partial(
-  jax.tree_util.register_dataclass, data_fields=tuple(ARRAYS), meta_fields=_META
-)
-@dataclasses.dataclass(frozen=True)
+@jax.tree_util.register_pytree_node_class
 class Visibility:
-  """Static rules and the arrays of ``ARRAYS`` (None: unset; offsets and
-  starts then 0). ``batch_index``/``head_index`` are the global batch row
-  and query head (what a kernel hands a mod); ``q_size``/``kv_size`` the
-  rows and columns of the whole sequence; ``mask_mod`` a ``_mods.Mod``,
-  ``mod_blocks`` the states of its block mask."""
+  """Static rules and the arrays of ``ARRAYS``, each by its name (an unset
+  one reads None; offsets and starts then 0). ``batch_index``/``head_index``
+  are the global batch row and query head (what a kernel hands a mod);
+  ``q_size``/``kv_size`` the rows and columns of the whole sequence;
+  ``mask_mod`` a ``_mods.Mod``, ``mod_blocks`` the states of its block mask.
+  A pytree: the set arrays are its leaves."""
 
-  is_causal: bool = False
-  window: tuple[int, int] | None = None
-  chunk_size: int | None = None
-  q_size: int | None = None
-  kv_size: int | None = None
-  kv_extent: int | None = None
-  query_seq_lengths: jax.Array | None = None
-  key_value_seq_lengths: jax.Array | None = None
-  prefix_lengths: jax.Array | None = None
-  q_offsets: jax.Array | None = None
-  kv_offsets: jax.Array | None = None
-  batch_index: jax.Array | None = None
-  head_index: jax.Array | None = None
-  q_segment_ids: jax.Array | None = None
-  kv_segment_ids: jax.Array | None = None
-  mask: jax.Array | None = None
-  mod_blocks: jax.Array | None = None
-  mask_mod: object = None
-  q_start: jax.Array | None = None
-  kv_start: jax.Array | None = None
+  def __init__(
+    self,
+    *,
+    is_causal: bool = False,
+    window: tuple[int, int] | None = None,
+    chunk_size: int | None = None,
+    q_size: int | None = None,
+    kv_size: int | None = None,
+    kv_extent: int | None = None,
+    **arrays,
+  ):
+    unknown = sorted(set(arrays) - set(ARRAYS))
+    if unknown:
+      raise TypeError(f'Visibility has no array {unknown}; ARRAYS declares them.')
+    self.is_causal, self.window, self.chunk_size = is_causal, window, chunk_size
+    self.q_size, self.kv_size, self.kv_extent = q_size, kv_size, kv_extent
+    self.arrays = arrays  # None: unset (a pytree with no leaves)
 
-  replace = dataclasses.replace
+  def __getattr__(self, name):
+    if name in ARRAYS:  # only reached for arrays (statics are attributes)
+      return self.__dict__['arrays'].get(name)
+    raise AttributeError(f'Visibility has no attribute {name!r}')
+
+  def tree_flatten(self):
+    return (self.arrays,), tuple(getattr(self, name) for name in _META)
+
+  @classmethod
+  def tree_unflatten(cls, statics, children):
+    return cls(**dict(zip(_META, statics, strict=True)), **children[0])
+
+  def replace(self, **changes) -> Visibility:
+    """A copy with ``changes`` (an array set to None is unset)."""
+    statics = {name: getattr(self, name) for name in _META}
+    return Visibility(**{**statics, **self.arrays, **changes})
+
+  @property
+  def set_arrays(self) -> dict:
+    """The arrays that are set, by name."""
+    return {n: x for n, x in self.arrays.items() if x is not None}
+
+  def given(self) -> list[str]:
+    """The names of the static fields set away from their defaults and of
+    the set arrays."""
+    statics = [name for name in _META if getattr(self, name) not in (None, False)]
+    return statics + [name for name in ARRAYS if name in self.set_arrays]
 
   def map_arrays(self, **by_kind) -> Visibility:
     """A copy with each set array of a kind in ``by_kind`` replaced by
     ``by_kind[kind](array)``."""
     return self.replace(
       **{
-        name: by_kind[array.kind](getattr(self, name))
-        for name, array in ARRAYS.items()
-        if array.kind in by_kind and getattr(self, name) is not None
+        name: by_kind[ARRAYS[name].kind](x)
+        for name, x in self.set_arrays.items()
+        if ARRAYS[name].kind in by_kind
       }
     )
 
   def arrays_of(self, kind: str) -> dict:
     """The set arrays of ``kind``, by name."""
-    return {
-      name: getattr(self, name)
-      for name, array in ARRAYS.items()
-      if array.kind == kind and getattr(self, name) is not None
-    }
+    return {n: x for n, x in self.set_arrays.items() if ARRAYS[n].kind == kind}
+
+  def _rules(self, part: str):
+    """The set arrays' rule functions ``part`` ('interval', 'elements',
+    'blocks'), in ``ARRAYS``' order."""
+    given = self.set_arrays
+    rules = (getattr(ARRAYS[name], part) for name in ARRAYS if name in given)
+    return [rule for rule in rules if rule is not None]
 
   @property
   def differs_by_row(self) -> bool:
     """Whether the rows of the batch may see different blocks: a rule's
     array holds a value per sequence (the batch index itself changes
     nothing), or the mask has a batch axis."""
-    per_row = [
-      name
-      for name, array in ARRAYS.items()
-      if array.kind in ('sequence', 'rows', 'cols') and name != 'batch_index'
-    ]
-    by_array = any(getattr(self, name) is not None for name in per_row)
+    kinds = ('sequence', 'rows', 'cols')
+    by_array = any(
+      ARRAYS[name].kind in kinds and name != 'batch_index' for name in self.set_arrays
+    )
     by_logits = self.arrays_of('logits') | self.arrays_of('blocks')
     return by_array or any(x.shape[0] > 1 for x in by_logits.values())
 
@@ -235,11 +326,8 @@ class Visibility:
       by_position.append(_chunk(p_first, p_last, self.chunk_size))
     rules = [_shift(rule, -self._kv_shift) for rule in by_position]
     extent = None if self.kv_extent is None else self._kv_first + self.kv_extent
-    limits = (self.key_value_seq_lengths, self.kv_size, extent)
-    rules += [_below(limit) for limit in limits if limit is not None]
-    rows = self.query_seq_lengths
-    if rows is not None:
-      rules.append(_all_if(first < rows, last < rows))
+    rules += [_below(limit) for limit in (self.kv_size, extent) if limit is not None]
+    rules += [rule(self, first, last) for rule in self._rules('interval')]
     if not rules:
       return None
     shape = jnp.shape(first)
@@ -262,14 +350,7 @@ class Visibility:
       conditions.append(
         (kv_idx[None, :] >= low[:, None]) & (kv_idx[None, :] <= high[:, None])
       )
-    if self.q_segment_ids is not None:
-      q_seg = lax.dynamic_slice_in_dim(self.q_segment_ids, r0, rows)
-      kv_seg = lax.dynamic_slice_in_dim(self.kv_segment_ids, c0, cols)
-      conditions.append(q_seg[:, None] == kv_seg[None, :])
-    if self.mask is not None:
-      conditions.append(logits_block(self.mask, r0, c0, rows, cols))
-    if self.mask_mod is not None:
-      conditions.append(self.mask_mod.on_block(*self.mod_indices(r0, c0, rows, cols)))
+    conditions += [rule(self, r0, c0, rows, cols) for rule in self._rules('elements')]
     return functools.reduce(jnp.logical_and, conditions) if conditions else None
 
   def rows_with_keys(self, q_size: int, kv_size: int):
@@ -303,19 +384,8 @@ class Visibility:
       (low, high), (full_low, full_high) = intervals
       some = (col_last >= low[:, None]) & (col_first <= high[:, None])
       every = (col_first >= full_low[:, None]) & (col_last <= full_high[:, None])
-    for flags in (
-      _segment_blocks(self.q_segment_ids, bq, self.kv_segment_ids, bk),
-      _mask_blocks(self.mask, bq, bk),
-    ):
-      if flags is not None:
-        some, every = some & flags[0], every & flags[1]
-    if self.mask_mod is not None and self.mod_blocks is None:
-      every = jnp.zeros_like(every)  # no block mask: test every element
-    elif self.mask_mod is not None:
-      some, every = (
-        some & (self.mod_blocks != HIDDEN),
-        every & (self.mod_blocks == FULL),
-      )
+    for flags in (rule(self, bq, bk) for rule in self._rules('blocks')):
+      some, every = some & flags[0], every & flags[1]
     return jnp.where(some, jnp.where(every, FULL, PARTIAL), HIDDEN)
 
   def block_plan(self, bq: int, bk: int, nq: int, nk: int) -> BlockPlan:

@@ -55,16 +55,18 @@ _NAMES = {
 }
 
 
-def _unsupported(value, allowed: set[str]) -> list[str]:
-  """The public names of the fields of ``value`` set away from their
-  defaults and not ``allowed``."""
-  names = []
-  for field in dataclasses.fields(value):
-    current, default = getattr(value, field.name), field.default
-    changed = current is not None if default is None else current != default
-    if changed and field.name not in allowed:
-      names.append(_NAMES.get(field.name, field.name))
-  return names
+def _unsupported(given: list[str], allowed: set[str]) -> list[str]:
+  """The public names of the ``given`` fields that are not ``allowed``."""
+  return [_NAMES.get(name, name) for name in given if name not in allowed]
+
+
+def _options_given(opts) -> list[str]:
+  """The options set away from their defaults."""
+  return [
+    field.name
+    for field in dataclasses.fields(opts)
+    if getattr(opts, field.name) != field.default
+  ]
 
 
 def _bias_and_mask(p: Prepared):
@@ -98,7 +100,8 @@ class Xla:
         reasons.append(f'{p.q.dtype} inputs (cuDNN takes float16 or bfloat16)')
       if head_dim > 128 or head_dim % 8:
         reasons.append(f'head dim D={head_dim} (cuDNN: a multiple of 8 up to 128)')
-    unsupported = _unsupported(p.vis, _RULES) + _unsupported(p.opts, _OPTIONS)
+    unsupported = _unsupported(p.vis.given(), _RULES)
+    unsupported += _unsupported(_options_given(p.opts), _OPTIONS)
     reasons += list(dict.fromkeys(unsupported))  # once each, in order
     reasons += [
       name

@@ -1,8 +1,8 @@
 """The visibility value: its block ranges against its own elements, and the
 new rules (chunked and prefix-LM attention) in every kernel."""
 
-import dataclasses
 import functools
+import inspect
 
 import hypothesis
 import hypothesis.strategies as st
@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import sharding, testing
+from jattn import _prepare, _registry, _visibility, sharding, testing
 from jattn._types import FULL, HIDDEN, PARTIAL
 from jattn._visibility import Visibility
+from jattn.attention import attention_and_lse
 from tests import helpers
 
 
@@ -362,22 +363,52 @@ def test_new_options_are_checked():
     jattn.dot_product_attention(q, k, v, attention_chunk_size=2, implementation='xla')
 
 
-def test_xla_refuses_a_rule_it_was_not_taught():
-  # supports() is an allow-list: a rule added to Visibility later is a
-  # reason for the xla kernel, never silently dropped.
-  from jattn import _prepare, _registry
+def test_the_public_signatures_take_every_per_sequence_array():
+  for fn in (jattn.dot_product_attention, sharding.ring_attention):
+    assert set(_visibility.sequence_arrays()) <= set(inspect.signature(fn).parameters)
 
-  q, k, v = helpers.qkv(0)
-  p = _prepare.prepare_arguments(query=q, key=k, value=v, is_causal=True)
-  xla = _registry.KERNELS['xla']
-  assert xla.supports(p) == []
-  with_rule = dataclasses.make_dataclass(
-    'WithRule', [('new_rule', object, None)], bases=(Visibility,), frozen=True
+
+def test_a_rule_added_to_the_table_alone_is_applied_and_refused_by_xla(monkeypatch):
+  # A new per-sequence rule, declared in ARRAYS and nowhere else: keys before
+  # column `first_keys` are hidden (left padding). The public functions take
+  # it by keyword, reference, flash and the ring apply it (and skip blocks by
+  # it), and xla, which was not taught it, refuses (an allow-list).
+  first_keys = _visibility.Array(
+    'sequence',
+    '[B...]',
+    interval=lambda vis, first, last: (
+      (vis.first_keys, 2**29),
+      (vis.first_keys, 2**29),
+    ),
   )
-  vis = with_rule(
-    **{f.name: getattr(p.vis, f.name) for f in dataclasses.fields(Visibility)}
+  monkeypatch.setitem(_visibility.ARRAYS, 'first_keys', first_keys)
+  q, k, v = helpers.qkv(3, q_len=32, kv_len=32)
+  starts = jnp.array([5, 19])
+  visible = jnp.arange(32)[None, :] >= starts[:, None]  # [B, S]
+  expected = jax.nn.dot_product_attention(
+    q, k, v, mask=visible[:, None, None, :] & jnp.tril(jnp.ones((1, 1, 32, 32), bool))
   )
-  assert xla.supports(p._replace(vis=vis.replace(new_rule=1))) == ['new_rule']
+  options = dict(is_causal=True, first_keys=starts, block_sizes=(8, 8))
+  hidden_rows = jnp.arange(32)[None, :, None, None] < starts[:, None, None, None]
+  expected = jnp.where(hidden_rows, 0.0, expected)  # rows that see no key
+  for impl in ('reference', 'flash'):
+    out, _ = attention_and_lse(q, k, v, implementation=impl, **options)
+    testing.assert_trees_close(out, expected, jnp.float32)
+  call, opts, statics = _prepare.split_call(
+    dict(query=q, key=k, value=v, **options), strict=True
+  )
+  ring = sharding._ring_jit(
+    call,
+    opts,
+    statics,
+    sharding.make_mesh({'seq': 4}, devices=jax.devices()[:4]),
+    'seq',
+  )
+  testing.assert_trees_close(ring, expected, jnp.float32)
+  p = _prepare.prepare_call(call, opts, statics)
+  assert 'first_keys' in _registry.KERNELS['xla'].supports(p)
+  with pytest.raises(ValueError, match=r"'xla' cannot take.*first_keys"):
+    attention_and_lse(q, k, v, implementation='xla', **options)
 
 
 @pytest.mark.parametrize('impl', ['reference', 'flash'])
