@@ -41,13 +41,13 @@ def _per_head(p: Prepared, capped):
   q_len, kv_len = p.q.shape[1], p.k.shape[1]
   tiny = p.q[..., :0], p.k[..., :0]  # map_heads reads the heads off these
 
-  def head(q, k, v, bias, vis, seed, logits):
-    if bias is not None:
-      logits = logits + bias.astype(jnp.float32)
-    logits = _mods.score_block(
-      p.score_mod, logits, vis.mod_indices(0, 0, q_len, kv_len)
+  def head(q, k, v, bias, vis, seed, capped):
+    score = functools.partial(
+      _mods.score_block, p.score_mod, indices=vis.mod_indices(0, 0, q_len, kv_len)
     )
-    return _numerics.hide(logits, vis.elements(0, 0, q_len, kv_len))
+    return _numerics.finish_logits(
+      capped, bias, score, vis.elements(0, 0, q_len, kv_len)
+    )
 
   return map_heads(
     head, *tiny, tiny[1], p.bias, p.vis, None, out_axis=0, per_head=(capped,)
@@ -78,15 +78,12 @@ def _logits(p: Prepared, rows, k):
   hidden keys) of ``rows [B, K, R, D]`` (R = T·G, ordered (t, g)) against
   ``k [B, S, K, D]``, read where it lies."""
   q_len = p.q.shape[1]
-  logits = _rows_times(k.astype(jnp.float32), rows.astype(jnp.float32), -1)
-  logits = logits * jnp.float32(p.opts.scale)  # [B, S, K, R]
-  if p.opts.soft_cap is not None:
-    cap = jnp.float32(p.opts.soft_cap)
-    logits = cap * jnp.tanh(logits / cap)
+  dots = _rows_times(k.astype(jnp.float32), rows.astype(jnp.float32), -1)
+  logits = _numerics.scores(p.opts, dots)  # [B, S, K, R]
   per_head = logits.reshape(logits.shape[:3] + (q_len, -1))  # [B, S, K, T, G]
   if _head_free(p):
     visible = jnp.swapaxes(_row_visible(p), 1, 2)[:, :, None, :, None]
-    return _numerics.hide(per_head, visible).reshape(logits.shape)
+    return _numerics.finish_logits(per_head, visible=visible).reshape(logits.shape)
   per_head = _per_head(p, jnp.transpose(per_head, (0, 2, 4, 3, 1)))  # [B, K, G, T, S]
   return jnp.transpose(per_head, (0, 4, 1, 3, 2)).reshape(logits.shape)
 
@@ -144,10 +141,8 @@ def decode_attention(p: Prepared, splits: int):
   ]
   if p.sinks is not None:  # the sinks' key: a zero value, logit sinks[h]
     sink = jnp.tile(p.sinks.reshape(num_kv, 1, groups), (1, q_len, 1))
-    stats = _numerics.initial_stats(
-      (batch, num_kv, q_len * groups), sink.reshape(num_kv, -1)
-    )
-    parts.append((jnp.zeros(stats[0].shape + (p.v.shape[-1],)), *stats))
+    rows = (batch, num_kv, q_len * groups)
+    parts.append(_numerics.start(rows, p.v.shape[-1], sink.reshape(num_kv, -1)))
   out, m, total = functools.reduce(_numerics.merge, parts)  # [B, K, R, ...]
   lse = _numerics.log_sum_exp(m, total).reshape(batch, num_kv, q_len, groups)
   out = out.reshape(batch, num_kv, q_len, groups, -1)

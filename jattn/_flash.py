@@ -101,10 +101,16 @@ def head_forward(
       c0 = j * bk
       k_j = lax.dynamic_slice_in_dim(k_t, c0, bk, axis=1).T
       v_j = lax.dynamic_slice_in_dim(v, c0, bk)
-      s = _numerics.block_logits(opts, q_i, k_j, logits_block(bias, r0, c0, bq, bk))
-      s = _mods.score_block(score_mod, s, vis.mod_indices(r0, c0, bq, bk))
-      if partial:
-        s = _numerics.hide(s, vis.elements(r0, c0, bq, bk))
+      s = _numerics.block_logits(
+        opts,
+        q_i,
+        k_j,
+        logits_block(bias, r0, c0, bq, bk),
+        functools.partial(
+          _mods.score_block, score_mod, indices=vis.mod_indices(r0, c0, bq, bk)
+        ),
+        vis.elements(r0, c0, bq, bk) if partial else None,
+      )
       m, total, p, correction = _numerics.online_update(m, total, s)
       p = _numerics.dropout(
         p, _keep(opts, seed, vis, r0, c0, bq, bk), opts.dropout_rate
@@ -112,11 +118,8 @@ def head_forward(
       pv = _numerics.matmul('ts,sv->tv', p.astype(v.dtype), v_j)
       return m, total, acc * correction[:, None] + pv
 
-    init = (
-      *_numerics.initial_stats(bq, sink),
-      jnp.zeros((bq, v.shape[-1]), jnp.float32),
-    )
-    m, total, acc = _visit(*visits, step, init)
+    acc, m, total = _numerics.start(bq, v.shape[-1], sink)
+    m, total, acc = _visit(*visits, step, (m, total, acc))
     return _numerics.normalize(acc, total).astype(q.dtype), (m, total)
 
   plan = vis.block_plan(bq, bk, geo.nq, geo.nk)
@@ -176,13 +179,13 @@ def head_backward(
       dk_t_j, dv_t_j, dq, dbias, d_params = inner
       r0 = i * bq
       row = lambda x: lax.dynamic_slice_in_dim(x, r0, bq)
+      # The forward's pipeline, with the score_mod's VJP kept.
       capped = _numerics.capped_logits(opts, row(q), k_t_j.T)
-      bias_ij = logits_block(bias, r0, c0, bq, bk)
-      s = capped if bias_ij is None else capped + bias_ij.astype(jnp.float32)
+      s = _numerics.finish_logits(capped, logits_block(bias, r0, c0, bq, bk))
       indices = vis.mod_indices(r0, c0, bq, bk)
       s, score_vjp = _mods.score_block_vjp(score_mod, s, indices)
-      if partial:
-        s = _numerics.hide(s, vis.elements(r0, c0, bq, bk))
+      visible = vis.elements(r0, c0, bq, bk) if partial else None
+      s = _numerics.finish_logits(s, visible=visible)
       p = _numerics.unnormalized(s, row(m))  # weights x row sum
       keep = _keep(opts, seed, vis, r0, c0, bq, bk)
       p_used = _numerics.dropout(p, keep, opts.dropout_rate)

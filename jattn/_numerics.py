@@ -28,19 +28,37 @@ def matmul(subscripts: str, a, b):
   return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
 
 
-def capped_logits(opts, q, k):
-  """``q [t, D], k [s, D] -> [t, s]`` float32 ``soft_cap(scale q.k)``."""
-  logits = matmul('td,sd->ts', q, k) * jnp.float32(opts.scale)
+# The logits pipeline, in the documented order: ``scale · q.k``, soft-cap,
+# ``+ bias``, the score_mod, then the masks. Every kernel forms its logits
+# with it, whatever layout it holds the products ``q.k`` in.
+
+
+def scores(opts, dots):
+  """``soft_cap(scale · dots)`` in float32, for products ``q.k`` of any shape."""
+  logits = dots.astype(jnp.float32) * jnp.float32(opts.scale)
   if opts.soft_cap is not None:
     cap = jnp.float32(opts.soft_cap)
     logits = cap * jnp.tanh(logits / cap)
   return logits
 
 
-def block_logits(opts, q, k, bias=None):
-  """``soft_cap(scale q.k) + bias``: ``[t, s]`` float32 logits."""
-  out = capped_logits(opts, q, k)
-  return out if bias is None else out + bias.astype(jnp.float32)
+def finish_logits(capped, bias=None, score=None, visible=None):
+  """The rest of the pipeline after ``scores``: ``+ bias``, then ``score``
+  (the call's score_mod at these indices, a function of the logits; None:
+  none), then ``-inf`` where not ``visible`` (None: all seen)."""
+  logits = capped if bias is None else capped + bias.astype(jnp.float32)
+  logits = logits if score is None else score(logits)
+  return hide(logits, visible)
+
+
+def capped_logits(opts, q, k):
+  """``q [t, D], k [s, D] -> [t, s]`` float32 ``soft_cap(scale q.k)``."""
+  return scores(opts, matmul('td,sd->ts', q, k))
+
+
+def block_logits(opts, q, k, bias=None, score=None, visible=None):
+  """``q [t, D], k [s, D] -> [t, s]`` float32 logits, the whole pipeline."""
+  return finish_logits(capped_logits(opts, q, k), bias, score, visible)
 
 
 def soft_cap_grad(opts, d_logits, capped):
@@ -88,6 +106,15 @@ def sink_logits(sinks):
   if sinks is None:
     return None
   return jnp.minimum(sinks.astype(jnp.float32), jnp.finfo(jnp.float32).max)
+
+
+def start(rows, value_dim: int, sink=None):
+  """``(out [*rows, V], m, total)``: the partial result of rows that have
+  seen nothing yet, or only the attention sink (``initial_stats``). Every
+  fast path starts from it and merges or folds its keys in: this is where
+  sinks enter."""
+  m, total = initial_stats(rows, sink)
+  return jnp.zeros(m.shape + (value_dim,), jnp.float32), m, total
 
 
 def initial_stats(rows, sink=None):

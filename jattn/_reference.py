@@ -18,9 +18,10 @@ def _hidden_logits(opts, q, k, bias, vis, score_mod):
   """``[T, S]`` float32 logits (the score_mod applied), ``-inf`` where the
   key is hidden."""
   rows, cols = q.shape[0], k.shape[0]
-  logits = _numerics.block_logits(opts, q, k, bias)
-  logits = _mods.score_block(score_mod, logits, vis.mod_indices(0, 0, rows, cols))
-  return _numerics.hide(logits, vis.elements(0, 0, rows, cols))
+  score = functools.partial(
+    _mods.score_block, score_mod, indices=vis.mod_indices(0, 0, rows, cols)
+  )
+  return _numerics.block_logits(opts, q, k, bias, score, vis.elements(0, 0, rows, cols))
 
 
 def _dropout(opts, vis, seed, weights):

@@ -96,11 +96,7 @@ def _local_forward(opts, blocks, layout_args, q, k, v, vis, seed, sinks, score_m
 
   rows = out_shape + (layout.q_chunk,)
   sink = None if sinks is None else sinks.reshape(1, num_kv, -1, 1)
-  stats = _numerics.initial_stats(rows, sink)
-  init = [
-    (jnp.zeros(rows + (v.shape[-1],), jnp.float32), *stats)
-    for _ in range(layout.chunks)
-  ]
+  init = [_numerics.start(rows, v.shape[-1], sink)] * layout.chunks
   *_, accs = lax.fori_loop(0, layout.n, step, (k, v, vis.arrays_of('cols'), init))
   # [B, K, G, T, V] and the rows' (m, total) [B, K, G, T]
   out, m, total = (jnp.concatenate(parts, axis=3) for parts in zip(*accs, strict=True))

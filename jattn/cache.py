@@ -477,9 +477,8 @@ def _paged_attention(query, cache: PagedKVCache, options):
     return _numerics.merge(carry, (out, lse, total)), None
 
   shape = query.shape[:-1]
-  init = _numerics.initial_stats(shape, _numerics.sink_logits(sinks))
   value_dim = cache.value_pages.shape[-1]
-  init = (jnp.zeros(shape + (value_dim,), jnp.float32), *init)
+  init = _numerics.start(shape, value_dim, _numerics.sink_logits(sinks))
   steps = jnp.arange(max_pages // per_step, dtype=jnp.int32)
   (out, _, _), _ = jax.lax.scan(some_pages, init, steps)
   return out.astype(query.dtype)
