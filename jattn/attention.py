@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jattn import _prepare, _reference, _registry
+from jattn import _call, _prepare, _reference, _registry
 from jattn._types import Prepared
 
 
@@ -121,7 +121,7 @@ def dot_product_attention(
     pair ``(out, lse)``: ``lse [B..., T, H]`` in the query's dtype, without
     gradient (``-inf`` for rows with nothing to attend to).
   """
-  call, opts, statics = _prepare.split_call(locals())
+  call, opts, statics = _call.split_call(locals())
   return _attention_jit(call, opts, statics)
 
 
@@ -133,7 +133,7 @@ def attention_and_lse(query, key, value, **options):
   Only kernels whose log-sum-exp has a gradient take it (flash, reference,
   decode)."""
   arguments = dict(options, query=query, key=key, value=value, return_residual=True)
-  call, opts, statics = _prepare.split_call(arguments, strict=True)
+  call, opts, statics = _call.split_call(arguments, strict=True)
   return _attention_jit(call, opts, statics, lse_gradient=True)
 
 
@@ -177,7 +177,7 @@ def attention_weights(query, key, bias=None, mask=None, **options):
   it to inspect and plot, not inside a model.
   """
   arguments = dict(options, query=query, key=key, bias=bias, mask=mask)
-  call, opts, statics = _prepare.split_call(arguments, strict=True)
+  call, opts, statics = _call.split_call(arguments, strict=True)
   return _weights_jit(call, opts, statics)
 
 

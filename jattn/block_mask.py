@@ -3,6 +3,7 @@ leaves partly or fully visible, evaluated block by block under ``jax.jit``."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -12,7 +13,7 @@ from jax import lax
 from jattn import _mods
 from jattn._options import as_int, check_block_sizes
 from jattn._options import block_sizes as default_block_sizes
-from jattn._types import FULL, HIDDEN, PARTIAL
+from jattn._types import FULL, HIDDEN, PARTIAL, Options
 from jattn._visibility import Visibility
 
 
@@ -113,3 +114,50 @@ def _states(leaves, static, shape, blocks):
 
   states = lax.map(query_block, jnp.arange(B * H * nq, dtype=jnp.int32))
   return states.reshape(B, H, nq, nk)
+
+
+def check_broadcast(mask_mod: _mods.Mod, block_mask: BlockMask, dims: _mods.CallDims):
+  """A block mask built for one batch row (or head) serves them all only
+  if its mod does not depend on ``b`` (or ``h``)."""
+  for argument, built, size, what in (
+    ('b', block_mask.shape[0], dims.batch, 'B'),
+    ('h', block_mask.shape[1], dims.heads, 'H'),
+  ):
+    if built == 1 < size and mask_mod.depends_on(argument):
+      raise ValueError(
+        f'`block_mask` was built for {what}=1 but its mask_mod depends on '
+        f'`{argument}` and this call has {what}={size}: build it with '
+        f'{what}={size}.'
+      )
+
+
+def checked_block_mask(block_mask, opts: Options, dims: _mods.CallDims):
+  """``(states [B|1, H|1, nq, nk], opts)``: a call's ``block_mask`` checked
+  against the call; its block sizes become the call's."""
+  batch, heads, q_len, kv_len = dims
+  if not isinstance(block_mask, BlockMask):
+    raise TypeError(
+      '`block_mask` must be a jattn.BlockMask (from jattn.create_block_mask); '
+      f'got {type(block_mask).__name__}.'
+    )
+  b, h, t, s = block_mask.shape
+  if (t, s) != (q_len, kv_len) or b not in (1, batch) or h not in (1, heads):
+    raise ValueError(
+      f'`block_mask` was built for (B, H, T, S) = {block_mask.shape}; this '
+      f'call has ({batch}, {heads}, {q_len}, {kv_len}) (B and H may be 1).'
+    )
+  bq, bk = block_mask.block_sizes
+  states_shape = (b, h, -(-t // bq), -(-s // bk))
+  if tuple(block_mask.states.shape) != states_shape:
+    raise ValueError(
+      f'`block_mask.states` must be [B|1, H|1, nq, nk] = {states_shape} for '
+      f'its shape and block sizes {block_mask.block_sizes}; got '
+      f'{tuple(block_mask.states.shape)}.'
+    )
+  if opts.block_sizes not in (None, block_mask.block_sizes):
+    raise ValueError(
+      f'`block_sizes`={opts.block_sizes} differ from those `block_mask` was '
+      f'built with, {block_mask.block_sizes}; leave `block_sizes` unset.'
+    )
+  opts = dataclasses.replace(opts, block_sizes=block_mask.block_sizes)
+  return block_mask.states, opts

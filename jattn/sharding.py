@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jattn import _prepare, _ring, attention, cache
+from jattn import _call, _prepare, _ring, attention, cache
 from jattn._params import PROJECTIONS
 
 DATA, MODEL, SEQ = 'data', 'model', 'seq'
@@ -206,7 +206,7 @@ def ring_attention(
   ``block_mask``'s mask_mod is tested element by element in every step (its
   block states are for the whole sequence's blocks).
   """
-  call, opts, statics = _prepare.split_call(locals())
+  call, opts, statics = _call.split_call(locals())
   if opts.implementation not in (None, 'flash'):
     raise ValueError(
       "`implementation` of ring_attention must be None or 'flash' (each ring "

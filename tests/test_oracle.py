@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import _options, _prepare
+from jattn import _call, _options, _prepare
 from jattn._heads import map_heads
 from jattn._types import FULL, HIDDEN
 from tests import helpers
@@ -107,7 +107,7 @@ def test_flash_visits_exactly_the_blocks_that_hold_a_visible_key():
   q, k, v = helpers.qkv(3, q_len=t, kv_len=s)
   mod = jattn.mods.document_mask(jnp.asarray(docs))
   block_mask = jattn.create_block_mask(mod, B, None, t, s, block_sizes=(8, 8))
-  call, opts, statics = _prepare.split_call(
+  call, opts, statics = _call.split_call(
     dict(query=q, key=k, value=v, is_causal=True, block_mask=block_mask), strict=True
   )
   p = _prepare.prepare_call(call, opts, statics)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import _prepare, _registry, _visibility, sharding, testing
+from jattn import _call, _prepare, _registry, _visibility, sharding, testing
 from jattn._types import FULL, HIDDEN, PARTIAL
 from jattn._visibility import Visibility
 from jattn.attention import attention_and_lse
@@ -394,7 +394,7 @@ def test_a_rule_added_to_the_table_alone_is_applied_and_refused_by_xla(monkeypat
   for impl in ('reference', 'flash'):
     out, _ = attention_and_lse(q, k, v, implementation=impl, **options)
     testing.assert_trees_close(out, expected, jnp.float32)
-  call, opts, statics = _prepare.split_call(
+  call, opts, statics = _call.split_call(
     dict(query=q, key=k, value=v, **options), strict=True
   )
   ring = sharding._ring_jit(
