@@ -1,6 +1,6 @@
 """Decoding: one new token per sequence against a long cache.
 
-    python -m benchmarks.decode            # the figures of the README
+    python -m benchmarks.decode            # the figures of docs/inference.md
     python -m benchmarks.decode --rounds 5
 
 1. attention alone, B=8, T=1, S=4096, H=8, K=2, D=64, float32:
@@ -178,7 +178,7 @@ def main():
   paged_step(args.rounds, results)
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  # Every run is kept (the README quotes the stored runs' range); a run on
+  # Every run is kept (docs/inference.md quotes the stored runs' range); a run on
   # another machine starts the file anew.
   runs = []
   if out.exists():
