@@ -4,16 +4,19 @@
     python -m benchmarks.decode --rounds 5
 
 1. attention alone, B=8, T=1, S=4096, H=8, K=2, D=64, float32:
-   ``jattn.dot_product_attention`` (its automatic choice: the decode kernel)
-   against ``jax.nn.dot_product_attention`` and PyTorch SDPA
-   (``enable_gqa=True``, when torch is installed), and the cache's bytes read
-   per second against a plain ``jnp.sum`` over arrays of the cache's size
-   (the machine's memory bound);
+   ``jattn.dot_product_attention`` on ``[B, S, K, D]`` arrays (its automatic
+   choice: the decode kernel) and ``jattn.cache.attend`` on a dense cache
+   (stored head-major ``[B, K, S, D]``) against
+   ``jax.nn.dot_product_attention`` and PyTorch SDPA (``enable_gqa=True``,
+   on its own ``[B, K, S, D]`` layout, when torch is installed), and the
+   cache's bytes read per second against a plain ``jnp.sum`` over arrays of
+   the cache's size (the machine's memory bound);
 2. a whole decode step of ``jattn.nnx.MultiHeadAttention`` (H=K=8, E=512,
    cache 4096, B=8) against ``flax.nnx.MultiHeadAttention`` with the same
    weights, both under ``nnx.jit``: tokens per second;
 3. the pure step (``jattn.cache.multi_head_attention_step``) on a paged
-   cache (pages of 256) against the dense one.
+   cache (pages of 256, the pool's pages permuted in the table) against the
+   dense one.
 
 Each ratio is the median over --rounds of two calls timed back to back,
 with their range. Appends the run to the JSON at --out (every run on the
@@ -23,6 +26,7 @@ same machine is kept).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -81,8 +85,13 @@ def attention_alone(rounds: int, results: dict):
   )
   peer = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v))
   reduction = jax.jit(lambda k, v: k.sum() + v.sum())
+  stored = kv.KVCache(
+    jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), jnp.full((B,), S, jnp.int32)
+  )
+  through_cache = jax.jit(lambda q, cache: kv.attend(q, cache, position))
   fns = {
     'jattn': lambda: ours(q, k, v),
+    'jattn cache': lambda: through_cache(q, stored),
     'jax.nn': lambda: peer(q, k, v),
     'jnp.sum over the cache': lambda: reduction(k, v),
   }
@@ -103,12 +112,15 @@ def attention_alone(rounds: int, results: dict):
   for name in fns:
     seconds = statistics.median(times[name])
     line = f'   {name}: {seconds * 1e3:.2f} ms, {cache_bytes / seconds / 1e9:.1f} GB/s'
-    if name != 'jattn':
-      med, low, high = ratio(times, name, 'jattn')
-      line += f'; jattn {med:.2f}x its speed (range {low:.2f}-{high:.2f})'
+    ratios = {}
+    for ours_name in ('jattn', 'jattn cache'):
+      if name not in ('jattn', 'jattn cache'):
+        med, low, high = ratio(times, name, ours_name)
+        line += f'; {ours_name} {med:.2f}x its speed (range {low:.2f}-{high:.2f})'
+        ratios[ours_name] = dict(ratio=med, low=low, high=high)
     print(line)
     results[f'attention: {name}'] = dict(
-      seconds=seconds, gb_per_s=cache_bytes / seconds / 1e9
+      seconds=seconds, gb_per_s=cache_bytes / seconds / 1e9, **ratios
     )
 
 
@@ -146,6 +158,8 @@ def paged_step(rounds: int, results: dict):
   dense = kv.init_cache(params, B, S)
   paged = kv.init_paged_cache(params, B, B * S // page, page, S // page)
   paged, _ = kv.allocate_pages(paged, S - 96, jnp.ones(B * S // page, bool))
+  permuted = jax.random.permutation(jax.random.key(5), B * S // page)
+  paged = dataclasses.replace(paged, page_table=permuted[paged.page_table])
   fill = jnp.full((B,), S - 96, jnp.int32)
   dense = kv.KVCache(dense.key, dense.value, fill)
   paged = kv.PagedKVCache(paged.key_pages, paged.value_pages, paged.page_table, fill)

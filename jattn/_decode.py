@@ -78,7 +78,11 @@ def _logits(p: Prepared, rows, k):
   hidden keys) of ``rows [B, K, R, D]`` (R = T·G, ordered (t, g)) against
   ``k [B, S, K, D]``, read where it lies."""
   q_len = p.q.shape[1]
-  dots = _rows_times(k.astype(jnp.float32), rows.astype(jnp.float32), -1)
+  rows = rows.astype(jnp.float32)
+  if p.kv_heads_first:  # keys stored [B, K, S, D]: a batched matrix product
+    dots = jnp.einsum('bkrd,bksd->bskr', rows, _heads_first(k).astype(jnp.float32))
+  else:
+    dots = _rows_times(k.astype(jnp.float32), rows, -1)
   logits = _numerics.scores(p.opts, dots)  # [B, S, K, R]
   per_head = logits.reshape(logits.shape[:3] + (q_len, -1))  # [B, S, K, T, G]
   if _head_free(p):
@@ -108,16 +112,28 @@ def _rows_times(cache, rows, axis: int):
   return (rows[..., None] * cache[:, :, :, None]).sum(1)
 
 
-def _partial(logits, v):
+def _heads_first(x):
+  """``[B, S, K, X]`` seen as ``[B, K, S, X]``: under jit, of keys or values
+  stored head-major (``Prepared.kv_heads_first``), the two transposes cancel
+  and the storage is read where it lies."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _partial(logits, v, heads_first: bool):
   """One chunk of keys: ``(out [B, K, R, V], m, total [B, K, R])`` from
-  ``logits [B, s, K, R]`` and ``v [B, s, K, V]``; ``out`` normalised by its
-  own ``total``."""
+  ``logits [B, s, K, R]`` and ``v [B, s, K, V]`` (stored head-major when
+  ``heads_first``); ``out`` normalised by its own ``total``."""
   shape = logits.shape
   flat = logits.reshape(shape[:2] + (-1,))  # [B, s, K·R]: no unit axis
   m = flat.max(axis=1)
   p = jnp.exp(flat - _numerics.finite_or_zero(m)[:, None])
   total = p.sum(axis=1).reshape(shape[:1] + shape[2:])
-  weighted = _rows_times(v.astype(jnp.float32), p.reshape(shape), 1)  # [B, K, R, V]
+  weights = p.reshape(shape)
+  if heads_first:
+    v = _heads_first(v).astype(jnp.float32)
+    weighted = jnp.einsum('bskr,bksv->bkrv', weights, v)
+  else:
+    weighted = _rows_times(v.astype(jnp.float32), weights, 1)  # [B, K, R, V]
   m = m.reshape(total.shape)
   return _numerics.normalize(weighted, total), m, total
 
@@ -136,6 +152,7 @@ def decode_attention(p: Prepared, splits: int):
     _partial(
       jax.lax.slice_in_dim(logits, i * chunk, (i + 1) * chunk, axis=1),
       jax.lax.slice_in_dim(p.v, i * chunk, (i + 1) * chunk, axis=1),
+      p.kv_heads_first,
     )
     for i in range(splits)
   ]

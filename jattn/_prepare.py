@@ -30,14 +30,18 @@ def prepare_arguments(**arguments) -> Prepared:
   return prepare_call(*split_call(arguments, strict=True))
 
 
-def prepare_call(call: Call, opts: Options, statics) -> Prepared:
-  """``prepare`` of a ``split_call``'s parts, inside the jit."""
+def prepare_call(
+  call: Call, opts: Options, statics, kv_heads_first: bool = False
+) -> Prepared:
+  """``prepare`` of a ``split_call``'s parts, inside the jit;
+  ``kv_heads_first``: ``Prepared.kv_heads_first``."""
   mask_mod, score_mod = map(join, statics, call.mod_leaves)
   mods = Mods(mask_mod, score_mod, call.block_mask)
-  return prepare(
+  p = prepare(
     call.query, call.key, call.value, call.bias, call.mask, call.arrays,
     call.dropout_rng, opts, call.sinks, mods,
   )  # fmt: skip
+  return p._replace(kv_heads_first=kv_heads_first)
 
 
 def prepare(

@@ -69,3 +69,7 @@ class Prepared(NamedTuple):
   backend: str = 'cpu'
   sinks: jnp.ndarray | None = None
   score_mod: Any = None  # a jattn._mods.Mod
+  # k and v are views [B, S, K, D|V] of keys and values stored head-major
+  # [B, K, S, D|V] (a cache): a kernel that reads that layout swaps them back,
+  # and under jit the two transposes cancel.
+  kv_heads_first: bool = False

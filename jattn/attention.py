@@ -137,9 +137,25 @@ def attention_and_lse(query, key, value, **options):
   return _attention_jit(call, opts, statics, lse_gradient=True)
 
 
-@functools.partial(jax.jit, static_argnames=('opts', 'statics', 'lse_gradient'))
-def _attention_jit(call, opts, statics, lse_gradient=False):
-  p = _prepare.prepare_call(call, opts, statics)
+def attention_of_stored(query, key, value, **options):
+  """``dot_product_attention(query, key, value, **options)`` for keys and
+  values a cache stores head-major, ``key [B..., K, S, D]``, ``value
+  [B..., K, S, V]``: the kernels read them where they lie (the decode
+  kernel as a batched matrix product per KV head). With
+  ``return_residual``, the log-sum-exp is ``attention_and_lse``'s (float32,
+  differentiable: for merging partial results over pages)."""
+  key, value = jnp.swapaxes(key, -3, -2), jnp.swapaxes(value, -3, -2)
+  arguments = dict(options, query=query, key=key, value=value)
+  call, opts, statics = _call.split_call(arguments, strict=True)
+  lse_gradient = opts.return_residual
+  return _attention_jit(call, opts, statics, lse_gradient, kv_heads_first=True)
+
+
+@functools.partial(
+  jax.jit, static_argnames=('opts', 'statics', 'lse_gradient', 'kv_heads_first')
+)
+def _attention_jit(call, opts, statics, lse_gradient=False, kv_heads_first=False):
+  p = _prepare.prepare_call(call, opts, statics, kv_heads_first)
   kernel_for = functools.partial(_registry.select, lse_gradient=lse_gradient)
   return run(p, kernel_for, lse_gradient)
 

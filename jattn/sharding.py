@@ -109,10 +109,10 @@ def cache_specs(kv_cache, mesh: Mesh):
   batch = kv_cache.lengths.shape[0]
   b = _axis(mesh, DATA, batch)
   if isinstance(kv_cache, cache.KVCache):
-    m = _axis(mesh, MODEL, kv_cache.key.shape[2])
-    return cache.KVCache(P(b, None, m, None), P(b, None, m, None), P(b))
-  m = _axis(mesh, MODEL, kv_cache.key_pages.shape[2])
-  pool = P(None, None, m, None)
+    m = _axis(mesh, MODEL, kv_cache.key.shape[1])
+    return cache.KVCache(P(b, m, None, None), P(b, m, None, None), P(b))
+  m = _axis(mesh, MODEL, kv_cache.key_pages.shape[1])
+  pool = P(None, m, None, None)
   return cache.PagedKVCache(pool, pool, P(b, None), P(b))
 
 

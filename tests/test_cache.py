@@ -75,9 +75,9 @@ def test_dense_and_paged_caches_hold_the_same_keys():
   _, dense = run_steps(params, x, 'dense', chunks)
   for seed in (0, 1):
     _, paged = run_steps(params, x, 'paged', chunks, shuffle_seed=seed)
-    pages = paged.key_pages[paged.page_table]  # [B, max_pages, page, K, D]
-    keys = pages.reshape(2, -1, K, E // H)[:, :10]
-    np.testing.assert_array_equal(keys, dense.key[:, :10])
+    pages = paged.key_pages[paged.page_table]  # [B, max_pages, K, page, D]
+    keys = pages.swapaxes(2, 3).reshape(2, -1, K, E // H)[:, :10]
+    np.testing.assert_array_equal(keys, dense.key.swapaxes(1, 2)[:, :10])
 
 
 def test_mask_rules_mean_in_decode_what_they_mean_in_training():
@@ -170,6 +170,14 @@ def test_decode_kernel_matches_the_reference(feature):
 
   testing.assert_functions_agree(attend('reference'), attend('decode'), q, k, v)
 
+  def stored(q, k, v):  # keys and values as a cache holds them: [B, K, S, X]
+    return jattn.attention.attention_of_stored(
+      q, k.swapaxes(1, 2), v.swapaxes(1, 2), bias=bias, implementation='decode',
+      **options,
+    )  # fmt: skip
+
+  testing.assert_functions_agree(attend('reference'), stored, q, k, v)
+
 
 def test_split_kv_equals_one_pass():
   q, k, v = helpers.qkv(1, q_len=1, kv_len=512)
@@ -261,7 +269,7 @@ def test_decode_step_sharded_equals_one_device():
   mesh = sharding.make_mesh({'data': 4, 'model': 2})
   cache = kv.init_cache(params, 4, 16)
   specs = sharding.cache_specs(cache, mesh)
-  assert specs.key == jax.sharding.PartitionSpec('data', None, 'model', None)
+  assert specs.key == jax.sharding.PartitionSpec('data', 'model', None, None)
   put = lambda tree, spec: jax.tree.map(
     lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), tree, spec
   )
@@ -313,7 +321,7 @@ def test_bad_caches_are_clear_errors():
       params, x[:, :1], kv.init_cache(params, 2, 8, jnp.bfloat16)
     )
   other = jattn.init_params(jax.random.key(0), E, H, num_kv_heads=4)
-  with pytest.raises(ValueError, match=r'keys \[..., K, D\] = \(4, 4\)'):
+  with pytest.raises(ValueError, match=r'keys of \(K, D\) = \(4, 4\)'):
     kv.multi_head_attention_step(params, x[:, :1], kv.init_cache(other, 2, 8))
   with pytest.raises(ValueError, match='B=3 sequences'):
     kv.multi_head_attention_step(params, x[:, :1], kv.init_cache(params, 3, 8))
