@@ -244,3 +244,34 @@ def score_block_vjp(mod: Mod | None, score, indices):
     return mod.with_params(params).on_block(*indices, score)
 
   return jax.vjp(apply, score, mod.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Combined:
+  """Mask mods joined by ``op`` (``'and'``, ``'or'``), as one mod: the
+  static parts of each mod (hashable: no retrace for new arrays) here, their
+  arrays as the ``Partial``'s operands."""
+
+  op: str
+  statics: tuple
+
+  def __call__(self, leaves, b, h, q_idx, kv_idx):
+    each = [
+      join(static, parts)(b, h, q_idx, kv_idx)
+      for static, parts in zip(self.statics, leaves, strict=True)
+    ]
+    logical = jnp.logical_and if self.op == 'and' else jnp.logical_or
+    return functools.reduce(logical, each)
+
+
+def combine(op: str, mask_mods) -> jax.tree_util.Partial:
+  """``mask_mods`` joined by ``op`` (``'and'`` or ``'or'``) into one
+  ``mask_mod``, a ``Partial`` whose operands are all their arrays."""
+  if not mask_mods:
+    raise ValueError(f'{op}_masks needs at least one mask_mod.')
+  for i, mod in enumerate(mask_mods):
+    if not callable(mod):
+      raise TypeError(f'{op}_masks: argument {i} is not a function; got {mod!r}.')
+  parts = [split(mod) for mod in mask_mods]
+  statics, leaves = tuple(s for s, _ in parts), tuple(x for _, x in parts)
+  return jax.tree_util.Partial(_Combined(op, statics), leaves)

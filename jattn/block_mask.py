@@ -42,6 +42,40 @@ class BlockMask:
     states, leaves = children
     return cls(states, _mods.join(static, leaves), shape, block_sizes)
 
+  def __and__(self, other) -> BlockMask:
+    """Visible where both are: hidden where either block is hidden, full
+    where both are full (else partial: safe, tested element by element);
+    the mods joined by ``jattn.mods.and_masks``."""
+    return self._combined(other, 'and')
+
+  def __or__(self, other) -> BlockMask:
+    """Visible where either is: hidden where both blocks are hidden, full
+    where either is full; the mods joined by ``jattn.mods.or_masks``."""
+    return self._combined(other, 'or')
+
+  def _combined(self, other, op: str) -> BlockMask:
+    if not isinstance(other, BlockMask):
+      return NotImplemented
+    (b, h, t, s), (ob, oh, ot, os_) = self.shape, other.shape
+    fits = lambda x, y: x == y or 1 in (x, y)
+    same = (t, s, self.block_sizes) == (ot, os_, other.block_sizes)
+    if not (same and fits(b, ob) and fits(h, oh)):
+      raise ValueError(
+        f'block masks combine when built for the same T, S and block sizes (B '
+        f'and H may be 1): got {self.shape} with {self.block_sizes} and '
+        f'{other.shape} with {other.block_sizes}.'
+      )
+    hidden_a, hidden_b = self.states == HIDDEN, other.states == HIDDEN
+    full_a, full_b = self.states == FULL, other.states == FULL
+    if op == 'and':
+      hidden, full = hidden_a | hidden_b, full_a & full_b
+    else:
+      hidden, full = hidden_a & hidden_b, full_a | full_b
+    states = jnp.where(hidden, HIDDEN, jnp.where(full, FULL, PARTIAL))
+    mod = _mods.combine(op, (self.mask_mod, other.mask_mod))
+    shape = (max(b, ob), max(h, oh), t, s)
+    return BlockMask(states.astype(jnp.int8), mod, shape, self.block_sizes)
+
   def sparsity(self):
     """The fraction of blocks skipped (hidden)."""
     return jnp.mean(self.states == HIDDEN)

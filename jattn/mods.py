@@ -1,5 +1,6 @@
 """Ready ``score_mod``s and ``mask_mod``s: ALiBi, T5 relative-position
-buckets, documents (with global tokens).
+buckets, documents (with global tokens); ``and_masks``/``or_masks`` join
+mask mods.
 
 Each returns a ``jax.tree_util.Partial`` over its arrays: pass it as
 ``score_mod=``/``mask_mod=`` to ``jattn.dot_product_attention`` (or the
@@ -239,3 +240,16 @@ def document_mask(q_ids, kv_ids=None, *, q_global=None, kv_global=None):
     if flags.dtype != jnp.bool_:
       raise TypeError(f'`{name}` must be boolean (True: global); got {flags.dtype}.')
   return Partial(_same_document_or_global, q_ids, kv_ids, q_global, kv_global)
+
+
+def and_masks(*mask_mods):
+  """One ``mask_mod`` that lets a query see a key when every one of
+  ``mask_mods`` does (as FlexAttention's ``and_masks``); their arrays stay
+  operands."""
+  return _mods.combine('and', mask_mods)
+
+
+def or_masks(*mask_mods):
+  """One ``mask_mod`` that lets a query see a key when any of ``mask_mods``
+  does (as FlexAttention's ``or_masks``)."""
+  return _mods.combine('or', mask_mods)

@@ -389,3 +389,41 @@ def test_mods_keep_flash_memory_linear():
   )
   assert large <= 2.2 * small, (small, large)
   assert large < 4096 * 4096 * 4 / 4  # a [T, S] float32 buffer
+
+
+def test_and_or_masks_and_block_masks_combine_to_the_mask_they_describe():
+  ids = jnp.array([[0, 0, 0, 1, 1, 1, 1, 2] * 3])  # [1, 24]
+  documents = jattn.mods.document_mask(ids)
+  causal = lambda b, h, q_idx, kv_idx: kv_idx <= q_idx
+  striped = lambda b, h, q_idx, kv_idx: (kv_idx + h) % 3 != 0  # by head
+  for combine, logical in (
+    (jattn.mods.and_masks, np.logical_and),
+    (jattn.mods.or_masks, np.logical_or),
+  ):
+    joined = combine(documents, causal, striped)
+    expected = logical(
+      logical(dense(documents, 1, 2, 24, 24), dense(causal, 1, 2, 24, 24)),
+      dense(striped, 1, 2, 24, 24),
+    )
+    np.testing.assert_array_equal(dense(joined, 1, 2, 24, 24), expected)
+  # Block masks: & and | give the states of the joined mod, and flash with
+  # them equals the reference with the dense mask.
+  q, k, v = helpers.qkv(3, batch=(1,), q_len=24, kv_len=24, heads=2, kv_heads=1)
+  make = lambda mod: jattn.create_block_mask(mod, 1, 2, 24, 24, block_sizes=(8, 8))
+  for op, combine in (('&', jattn.mods.and_masks), ('|', jattn.mods.or_masks)):
+    a, b = make(documents), make(striped)
+    joined = a & b if op == '&' else a | b
+    built = make(combine(documents, striped))
+    np.testing.assert_array_equal(joined.states, built.states, err_msg=op)
+    mask = jnp.asarray(dense(joined.mask_mod, 1, 2, 24, 24))
+    out = jattn.dot_product_attention(
+      q, k, v, block_mask=joined, implementation='flash'
+    )
+    expected = jattn.dot_product_attention(
+      q, k, v, mask=mask, implementation='reference'
+    )
+    testing.assert_trees_close(out, expected, jnp.float32)
+  with pytest.raises(ValueError, match='same T, S and block sizes'):
+    _ = make(causal) & jattn.create_block_mask(causal, 1, 2, 24, 16)
+  with pytest.raises(TypeError, match='argument 1 is not a function'):
+    jattn.mods.and_masks(causal, 3)
