@@ -44,6 +44,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jattn import _checks, _numerics, _params
 from jattn._options import as_int
@@ -71,9 +72,67 @@ class KVCache:
   value: jax.Array
   lengths: jax.Array
 
+  # Per-key arrays (bias, mask, segment ids) cover its keys as they lie.
+  takes_per_key_arrays = True
+
   @property
   def capacity(self) -> int:
     return self.key.shape[2]
+
+  @property
+  def kv_heads(self) -> int:
+    return self.key.shape[1]
+
+  @property
+  def dtype(self):
+    return self.key.dtype
+
+  def head_dims(self):
+    """``((K, D), (K, V))`` of what it stores."""
+    return (self.key.shape[1], self.key.shape[3]), (
+      self.value.shape[1],
+      self.value.shape[3],
+    )
+
+  def specs(self, batch, model) -> KVCache:
+    """PartitionSpecs: sequences over ``batch``, KV heads over ``model``
+    (mesh axis names or None)."""
+    return KVCache(P(batch, model, None, None), P(batch, model, None, None), P(batch))
+
+  def _check_arrays(self) -> None:
+    pass
+
+  def _check_values(self, allow_shared: bool) -> None:
+    pass
+
+  def _readable(self):
+    return self.capacity
+
+  def _places(self, positions):
+    """``(own [B, T], at)``: which positions have a place of the sequence's
+    own, and where they go."""
+    return jnp.ones(positions.shape, bool), positions
+
+  def _store(self, key, value, positions, places, stored, lengths) -> KVCache:
+    rows = jnp.arange(key.shape[0], dtype=jnp.int32)[:, None]
+    at = jnp.where(stored, places, self.capacity)  # past the end: dropped
+    # [rows, :, at] indexes [B, T, K, X] (the advanced indices first).
+    return KVCache(
+      self.key.at[rows, :, at].set(key.astype(self.key.dtype), mode='drop'),
+      self.value.at[rows, :, at].set(value.astype(self.value.dtype), mode='drop'),
+      lengths,
+    )
+
+  def _read(self, query, options):
+    return attention_of_stored(
+      query, self.key, self.value, key_value_seq_lengths=_stored_lengths(self),
+      **options,
+    )  # fmt: skip
+
+  def _release(self, done, free):
+    if free is not None:
+      raise TypeError('a dense cache has no pages: pass no `free`.')
+    return self
 
 
 @functools.partial(
@@ -104,6 +163,106 @@ class PagedKVCache:
   @property
   def capacity(self) -> int:
     return self.page_table.shape[1] * self.page_size
+
+  # Its keys lie in pages: per-key arrays ([..., S]) have no place to go.
+  takes_per_key_arrays = False
+
+  @property
+  def kv_heads(self) -> int:
+    return self.key_pages.shape[1]
+
+  @property
+  def dtype(self):
+    return self.key_pages.dtype
+
+  def head_dims(self):
+    """``((K, D), (K, V))`` of what it stores."""
+    key, value = self.key_pages.shape, self.value_pages.shape
+    return (key[1], key[3]), (value[1], value[3])
+
+  def specs(self, batch, model) -> PagedKVCache:
+    """PartitionSpecs: the pool's heads over ``model``, the page table and
+    lengths' sequences over ``batch``."""
+    pool = P(None, model, None, None)
+    return PagedKVCache(pool, pool, P(batch, None), P(batch))
+
+  def _check_arrays(self) -> None:
+    table, batch = self.page_table, self.lengths.shape[0]
+    _checks.check_array(table, 'cache.page_table', min_rank=2, layout='[B, max_pages]')
+    _checks.check_integer(table, 'cache.page_table')
+    _checks.check_shape(
+      table, 'cache.page_table', (batch, table.shape[-1]), '[B, max_pages]'
+    )
+
+  def _check_values(self, allow_shared: bool) -> None:
+    lengths, table = np.asarray(self.lengths), np.asarray(self.page_table)
+    outside = np.argwhere((table < -1) | (table >= self.num_pages))
+    if outside.size:
+      b, i = outside[0]
+      raise ValueError(
+        f'cache.page_table[{b}, {i}] = {table[b, i]} is neither -1 nor a page '
+        f'of the pool (0..{self.num_pages - 1}).'
+      )
+    readable = np.asarray(self._readable())
+    short = np.flatnonzero(readable < lengths)
+    if short.size:
+      b = short[0]
+      raise ValueError(
+        f'sequence {b} has length {lengths[b]} but its page table has no page '
+        f'from position {readable[b]} on: {table[b].tolist()}.'
+      )
+    if not allow_shared:
+      pages, counts = np.unique(table[table >= 0], return_counts=True)
+      if (counts > 1).any():
+        raise ValueError(
+          f'pool pages {pages[counts > 1].tolist()} are held by more than one '
+          'page-table entry (shared, read-only).'
+        )
+
+  def _readable(self):
+    """``[B]``: each sequence's positions before its first table entry that
+    is not a pool page (the most a read may cover)."""
+    valid = _in_pool(self, self.page_table)
+    max_pages = valid.shape[1]
+    first_hole = jnp.where(valid.all(1), max_pages, jnp.argmin(valid, axis=1))
+    return first_hole.astype(jnp.int32) * self.page_size
+
+  def _places(self, positions):
+    """``(own [B, T], pages [B, T])``: a position's place is its table
+    entry's page, when a pool page that no other entry holds."""
+    slot = jnp.minimum(positions // self.page_size, self.page_table.shape[1])
+    table = jnp.pad(self.page_table, ((0, 0), (0, 1)), constant_values=-1)
+    pages = jnp.take_along_axis(table, slot, axis=1)  # [B, T]
+    own = _in_pool(self, pages)
+    own &= _held(self)[jnp.clip(pages, 0, self.num_pages - 1)] == 1
+    return own, pages
+
+  def _store(self, key, value, positions, pages, stored, lengths) -> PagedKVCache:
+    at = jnp.where(stored, pages, self.num_pages)  # no such page: dropped
+    offsets = positions % self.page_size
+    return dataclasses.replace(
+      self,
+      key_pages=self.key_pages.at[at, :, offsets].set(
+        key.astype(self.key_pages.dtype), mode='drop'
+      ),
+      value_pages=self.value_pages.at[at, :, offsets].set(
+        value.astype(self.value_pages.dtype), mode='drop'
+      ),
+      lengths=lengths,
+    )
+
+  def _read(self, query, options):
+    return _paged_attention(query, self, options)
+
+  def _release(self, done, free):
+    if free is None:
+      raise TypeError('`free` [P] is required for a paged cache.')
+    free = _check_free(self, free)
+    held = self.page_table
+    cache = dataclasses.replace(self, page_table=jnp.where(done[:, None], -1, held))
+    dropped = jnp.where(done[:, None] & _in_pool(self, held), held, self.num_pages)
+    released = jnp.zeros_like(free).at[dropped.reshape(-1)].set(True, mode='drop')
+    return cache, free | (released & (_held(cache) == 0))
 
 
 def _kv_shapes(params, dtype):
@@ -158,13 +317,7 @@ def _check_layout(cache) -> None:
   _checks.check_array(lengths, 'cache.lengths', min_rank=1, layout='[B]')
   _checks.check_integer(lengths, 'cache.lengths')
   _checks.check_shape(lengths, 'cache.lengths', lengths.shape[:1], '[B]')
-  if isinstance(cache, PagedKVCache):
-    table = cache.page_table
-    _checks.check_array(table, 'cache.page_table', min_rank=2, layout='[B, max_pages]')
-    _checks.check_integer(table, 'cache.page_table')
-    _checks.check_shape(
-      table, 'cache.page_table', (lengths.shape[0], table.shape[-1]), '[B, max_pages]'
-    )
+  cache._check_arrays()
 
 
 def _concrete(*arrays) -> bool:
@@ -186,31 +339,7 @@ def check_cache(cache, *, allow_shared: bool = True) -> None:
       f'cache.lengths must be within [0, capacity={cache.capacity}]; sequence '
       f'{bad[0]} has {lengths[bad[0]]}.'
     )
-  if isinstance(cache, KVCache):
-    return
-  table = np.asarray(cache.page_table)
-  outside = np.argwhere((table < -1) | (table >= cache.num_pages))
-  if outside.size:
-    b, i = outside[0]
-    raise ValueError(
-      f'cache.page_table[{b}, {i}] = {table[b, i]} is neither -1 nor a page of '
-      f'the pool (0..{cache.num_pages - 1}).'
-    )
-  readable = np.asarray(_readable(cache))
-  short = np.flatnonzero(readable < lengths)
-  if short.size:
-    b = short[0]
-    raise ValueError(
-      f'sequence {b} has length {lengths[b]} but its page table has no page '
-      f'from position {readable[b]} on: {table[b].tolist()}.'
-    )
-  if not allow_shared:
-    pages, counts = np.unique(table[table >= 0], return_counts=True)
-    if (counts > 1).any():
-      raise ValueError(
-        f'pool pages {pages[counts > 1].tolist()} are held by more than one '
-        'page-table entry (shared, read-only).'
-      )
+  cache._check_values(allow_shared)
 
 
 def _check_count(num_new, name: str, shape, high: int | None):
@@ -256,21 +385,10 @@ def _in_pool(cache: PagedKVCache, pages):
   return (pages >= 0) & (pages < cache.num_pages)
 
 
-def _readable(cache: PagedKVCache):
-  """``[B]``: each sequence's positions before its first table entry that
-  is not a pool page (the most a read may cover)."""
-  valid = _in_pool(cache, cache.page_table)
-  max_pages = valid.shape[1]
-  first_hole = jnp.where(valid.all(1), max_pages, jnp.argmin(valid, axis=1))
-  return first_hole.astype(jnp.int32) * cache.page_size
-
-
 def _stored_lengths(cache):
   """``[B]``: the positions a read covers, whatever the lengths say."""
   lengths = jnp.clip(cache.lengths.astype(jnp.int32), 0, cache.capacity)
-  if isinstance(cache, PagedKVCache):
-    lengths = jnp.minimum(lengths, _readable(cache))
-  return lengths
+  return jnp.minimum(lengths, cache._readable())
 
 
 def allocate_pages(cache: PagedKVCache, num_new, free):
@@ -316,18 +434,7 @@ def release(cache, done, free=None):
     raise TypeError(f'`done` must be boolean [B]; got {done.dtype}.')
   _checks.check_shape(done, 'done', cache.lengths.shape, '[B]')
   cache = dataclasses.replace(cache, lengths=jnp.where(done, 0, cache.lengths))
-  if isinstance(cache, KVCache):
-    if free is not None:
-      raise TypeError('a dense cache has no pages: pass no `free`.')
-    return cache
-  if free is None:
-    raise TypeError('`free` [P] is required for a paged cache.')
-  free = _check_free(cache, free)
-  held = cache.page_table
-  cache = dataclasses.replace(cache, page_table=jnp.where(done[:, None], -1, held))
-  dropped = jnp.where(done[:, None] & _in_pool(cache, held), held, cache.num_pages)
-  released = jnp.zeros_like(free).at[dropped.reshape(-1)].set(True, mode='drop')
-  return cache, free | (released & (_held(cache) == 0))
+  return cache._release(done, free)
 
 
 def _positions(cache, num_new, q_len: int):
@@ -346,38 +453,11 @@ def write(cache, key, value, num_new=None):
   first that has no place of the sequence's own (module docstring)."""
   _check_layout(cache)
   positions, real = _positions(cache, num_new, key.shape[1])
-  storable = real & (positions < cache.capacity)
-  if isinstance(cache, PagedKVCache):
-    page = cache.page_size
-    slot = jnp.minimum(positions // page, cache.page_table.shape[1])
-    table = jnp.pad(cache.page_table, ((0, 0), (0, 1)), constant_values=-1)
-    pages = jnp.take_along_axis(table, slot, axis=1)  # [B, T]
-    own = _in_pool(cache, pages)
-    own &= _held(cache)[jnp.clip(pages, 0, cache.num_pages - 1)] == 1
-    storable &= own
+  own, places = cache._places(positions)
+  storable = real & (positions < cache.capacity) & own
   stored = jnp.cumprod(storable, axis=1, dtype=jnp.int32).astype(bool)  # a prefix
   lengths = _stored_lengths(cache) + stored.sum(axis=1, dtype=jnp.int32)
-  rows = jnp.arange(key.shape[0], dtype=jnp.int32)[:, None]
-  if isinstance(cache, KVCache):
-    at = jnp.where(stored, positions, cache.capacity)  # past the end: dropped
-    # [rows, :, at] indexes [B, T, K, X] (the advanced indices first).
-    return KVCache(
-      cache.key.at[rows, :, at].set(key.astype(cache.key.dtype), mode='drop'),
-      cache.value.at[rows, :, at].set(value.astype(cache.value.dtype), mode='drop'),
-      lengths,
-    )
-  at = jnp.where(stored, pages, cache.num_pages)  # no such page: dropped
-  offsets = positions % page
-  return dataclasses.replace(
-    cache,
-    key_pages=cache.key_pages.at[at, :, offsets].set(
-      key.astype(cache.key_pages.dtype), mode='drop'
-    ),
-    value_pages=cache.value_pages.at[at, :, offsets].set(
-      value.astype(cache.value_pages.dtype), mode='drop'
-    ),
-    lengths=lengths,
-  )
+  return cache._store(key, value, positions, places, stored, lengths)
 
 
 # Options a cache step sets itself, and why.
@@ -398,7 +478,7 @@ def _check_options(cache, options) -> dict:
   for name, why in _SET_BY_THE_CACHE.items():
     if name in options:
       raise TypeError(f'a cache step takes no `{name}`: {why}.')
-  if isinstance(cache, PagedKVCache):
+  if not cache.takes_per_key_arrays:
     given = [name for name in _PER_KEY if options.get(name) is not None]
     if given:
       raise TypeError(
@@ -433,15 +513,7 @@ def attend(query, cache, start, num_new=None, **options):
   options = dict(
     options, is_causal=True, q_offsets=start.astype(jnp.int32), query_seq_lengths=new
   )
-  if isinstance(cache, KVCache):
-    return attention_of_stored(
-      query,
-      cache.key,
-      cache.value,
-      key_value_seq_lengths=_stored_lengths(cache),
-      **options,
-    )
-  return _paged_attention(query, cache, options)
+  return cache._read(query, options)
 
 
 # Keys a paged cache's attention gathers per step (whole pages, at least one).
@@ -453,9 +525,6 @@ def _paged_attention(query, cache: PagedKVCache, options):
   keys, gathered from the pool), merged by log-sum-exp."""
   sinks = options.pop('sinks', None)
   page, max_pages = cache.page_size, cache.page_table.shape[1]
-  rows = query.shape[1] * query.shape[2] // cache.key_pages.shape[2]  # T·G
-  if options.get('implementation') is None and rows <= 64:
-    options['implementation'] = 'decode'  # few queries: decode at any length
   per_step = max(1, min(max_pages, KEYS_PER_STEP // page))
   while max_pages % per_step:
     per_step -= 1
@@ -523,21 +592,16 @@ def multi_head_attention_step(
 
 def _check_cache(cache, key, value) -> None:
   """The cache holds these heads, dims and batch."""
-  if isinstance(cache, KVCache):
-    stored, stored_v = cache.key, cache.value
-    heads = lambda x: (x.shape[1], x.shape[3])  # [B, K, S_max, X]
-  else:
-    stored, stored_v = cache.key_pages, cache.value_pages
-    heads = lambda x: (x.shape[1], x.shape[3])  # [P, K, page, X]
-  if heads(stored) != key.shape[2:] or heads(stored_v) != value.shape[2:]:
+  keys, values = cache.head_dims()
+  if keys != key.shape[2:] or values != value.shape[2:]:
     raise ValueError(
-      f'the cache holds keys of (K, D) = {heads(stored)} and values of (K, V) '
-      f'= {heads(stored_v)}; the parameters make {tuple(key.shape[2:])} and '
+      f'the cache holds keys of (K, D) = {keys} and values of (K, V) = '
+      f'{values}; the parameters make {tuple(key.shape[2:])} and '
       f'{tuple(value.shape[2:])}.'
     )
-  if stored.dtype != key.dtype:
+  if cache.dtype != key.dtype:
     raise ValueError(
-      f'the cache holds {stored.dtype}; this step computes in {key.dtype}: '
+      f'the cache holds {cache.dtype}; this step computes in {key.dtype}: '
       'init the cache with dtype= the compute dtype (or pass dtype= here).'
     )
   if cache.lengths.shape != key.shape[:1]:

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jattn import _call, _prepare, _ring, attention, cache
+from jattn import _call, _prepare, _ring, attention
 from jattn._params import PROJECTIONS
 
 DATA, MODEL, SEQ = 'data', 'model', 'seq'
@@ -107,13 +107,7 @@ def cache_specs(kv_cache, mesh: Mesh):
   KV heads over ``model`` (where the axes divide B and K); a paged cache's
   pool splits its heads, its page table and lengths the sequences."""
   batch = kv_cache.lengths.shape[0]
-  b = _axis(mesh, DATA, batch)
-  if isinstance(kv_cache, cache.KVCache):
-    m = _axis(mesh, MODEL, kv_cache.key.shape[1])
-    return cache.KVCache(P(b, m, None, None), P(b, m, None, None), P(b))
-  m = _axis(mesh, MODEL, kv_cache.key_pages.shape[1])
-  pool = P(None, m, None, None)
-  return cache.PagedKVCache(pool, pool, P(b, None), P(b))
+  return kv_cache.specs(_axis(mesh, DATA, batch), _axis(mesh, MODEL, kv_cache.kv_heads))
 
 
 def linear_specs(params, mesh: Mesh, *, split: str):
