@@ -77,14 +77,24 @@ def _keep(opts, seed, vis: Visibility, r0, c0, bq: int, bk: int):
   return _numerics.dropout_keep(seed, rows, cols, opts.dropout_rate)
 
 
+def head_plan(blocks, q, k, vis: Visibility):
+  """The head's block plan (``Visibility.block_plan``) at ``blocks``, for
+  ``q [T, ...]`` and ``k [S, ...]``: built once per call, visited by the
+  forward (``plan.kv``) and the backward (``plan.q``)."""
+  geo = _Blocks(*blocks, q.shape[0], k.shape[0])
+  vis = geo.pad(q, k, k, None, vis)[-1]
+  return vis.block_plan(*blocks, geo.nq, geo.nk)
+
+
 def head_forward(
-  opts, blocks, score_mod, q, k, v, bias, vis: Visibility, seed, sink=None
+  opts, blocks, score_mod, q, k, v, bias, vis: Visibility, seed, sink=None, plan=None
 ):
   """``q [T, D], k [S, D], v [S, V] -> (out [T, V], (m [T], total [T]))``.
 
   ``(m, total)`` are the rows' softmax statistics (``_numerics``), the
   attention ``sink`` (a scalar logit, or None) included; a row that sees no
-  key has a zero output. ``score_mod``: a ``_mods.Mod`` or None.
+  key has a zero output. ``score_mod``: a ``_mods.Mod`` or None; ``plan``:
+  the head's ``head_plan`` (None: built here, as a ring step does).
   """
   geo = _Blocks(*blocks, q.shape[0], k.shape[0])
   bq, bk = blocks
@@ -122,7 +132,8 @@ def head_forward(
     m, total, acc = _visit(*visits, step, (m, total, acc))
     return _numerics.normalize(acc, total).astype(q.dtype), (m, total)
 
-  plan = vis.block_plan(bq, bk, geo.nq, geo.nk)
+  if plan is None:
+    plan = vis.block_plan(bq, bk, geo.nq, geo.nk)
   out, stats = lax.map(query_block, (jnp.arange(geo.nq, dtype=jnp.int32), *plan.kv))
   out = out.reshape(-1, out.shape[-1])[: geo.q_len]
   return out, jax.tree.map(lambda x: x.reshape(-1)[: geo.q_len], stats)
@@ -142,13 +153,15 @@ def head_backward(
   stats,
   d_out,
   d_lse=None,
+  plan=None,
 ):
   """Gradients ``(dq [T,D], dk [S,D], dv [S,V], dbias [T|1,S|1] or None,
   d score_mod params or None)``.
 
   ``out`` and ``stats = (m [T], total [T])`` are the final forward results for
   these rows (over all keys, when a ring splits the keys into chunks);
-  ``d_lse [T]`` the cotangent of the rows' log-sum-exp, if any.
+  ``d_lse [T]`` the cotangent of the rows' log-sum-exp, if any; ``plan``
+  the forward's (None: built here).
   """
   geo = _Blocks(*blocks, q.shape[0], k.shape[0])
   bq, bk = blocks
@@ -226,7 +239,8 @@ def head_backward(
     d_params0 = jax.tree.map(
       lambda x: jnp.zeros(x.shape, jnp.float32), score_mod.params
     )
-  plan = vis.block_plan(bq, bk, geo.nq, geo.nk)
+  if plan is None:
+    plan = vis.block_plan(bq, bk, geo.nq, geo.nk)
   (dq, dbias, d_params), (dk, dv) = lax.scan(
     key_block, (dq0, dbias0, d_params0), (jnp.arange(geo.nk, dtype=jnp.int32), *plan.q)
   )
@@ -296,14 +310,43 @@ def score_mod_grad(score_mod, d_params):
   return dataclasses.replace(score_mod, params=tuple(summed), fixed=None)
 
 
+def _with_plan(head, plan):
+  """``(head, per_head, per_row)`` for ``map_heads``: a plan is mapped only
+  over what it depends on, so loops that do not differ are not batched:
+  one for every head and row (``[nq, nk]`` orders) is closed over, one per
+  row ``[B, nq, nk]`` mapped over the batch, one per head ``[B, K, G, nq,
+  nk]`` over heads too."""
+  rank = plan.kv.order.ndim
+  if rank == 2:
+    return functools.partial(head, plan=plan), (), ()
+  if rank == 3:
+    return head, (), (plan,)
+  return head, (plan,), ()
+
+
+def _shared_plan(plan, vis: Visibility):
+  """``map_heads``' per-head plan ``[B, K, G, ...]`` cut to what it depends
+  on (``_with_plan``)."""
+  if vis.blocks_differ_by_head:
+    return plan
+  one_head = jax.tree.map(lambda x: x[:, 0, 0], plan)  # [B, ...]
+  if vis.differs_by_row:
+    return one_head
+  return jax.tree.map(lambda x: x[0], one_head)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _flash(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks, score_mod):
-  args = (q, k, v, bias, vis, seed, sinks, score_mod)
+def _flash(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks, score_mod, plan):
+  args = (q, k, v, bias, vis, seed, sinks, score_mod, plan)
   return _flash_forward(opts, blocks, in_turn, *args)[0]
 
 
-def _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks, score_mod):
+def _flash_forward(
+  opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks, score_mod, plan
+):
   head = functools.partial(head_forward, opts, blocks, score_mod)
+  sink = grouped_sinks(sinks, q.shape[0], k.shape[2]) or (None,)
+  head, extra, per_row = _with_plan(head, plan)
   out, stats = map_heads(
     head,
     q,
@@ -313,20 +356,22 @@ def _flash_forward(opts, blocks, in_turn, q, k, v, bias, vis, seed, sinks, score
     vis,
     seed,
     out_axis=0,
-    per_head=grouped_sinks(sinks, q.shape[0], k.shape[2]),
+    per_head=(*sink, *extra),
+    per_row=per_row,
     rows_in_turn=in_turn,
   )
   lse = heads_last(_numerics.log_sum_exp(*stats)[..., None])[..., 0]
-  residuals = (q, k, v, bias, vis, seed, sinks, score_mod, out, stats)
+  residuals = (q, k, v, bias, vis, seed, sinks, score_mod, out, stats, plan)
   return (heads_last(out), lse), residuals
 
 
 def _flash_backward(opts, blocks, in_turn, residuals, cotangents):
   d_out, d_lse = cotangents
-  q, k, v, bias, vis, seed, sinks, score_mod, out, stats = residuals
+  q, k, v, bias, vis, seed, sinks, score_mod, out, stats, plan = residuals
   head = functools.partial(head_backward, opts, blocks, score_mod)
+  head, extra, per_row = _with_plan(head, plan)
   d_lse = heads_grouped(d_lse[..., None], k.shape[2])[..., 0]  # [B, K, G, T]
-  per_head = (out, stats, heads_grouped(d_out, k.shape[2]), d_lse)
+  per_head = (out, stats, heads_grouped(d_out, k.shape[2]), d_lse, *extra)
   dq, dk, dv, dbias, d_params = map_heads(
     head,
     q,
@@ -337,6 +382,7 @@ def _flash_backward(opts, blocks, in_turn, residuals, cotangents):
     seed,
     out_axis=0,
     per_head=per_head,
+    per_row=per_row,
     rows_in_turn=in_turn,
   )
   dk = jnp.moveaxis(dk.sum(axis=2), 1, 2)  # [B, K, G, S, D] -> [B, S, K, D]
@@ -349,8 +395,9 @@ def _flash_backward(opts, blocks, in_turn, residuals, cotangents):
     dbias,
     None,
     None,
-    sinks_grad(sinks, stats, out, *per_head[2:]),
+    sinks_grad(sinks, stats, out, *per_head[2:4]),
     score_mod_grad(score_mod, d_params),
+    None,
   )
 
 
@@ -373,9 +420,17 @@ class Flash:
       q = q * jnp.float32(opts.scale)
       opts = dataclasses.replace(opts, scale=1.0)
     in_turn = rows_in_turn(p, blocks)
+    # The block plan, once per call: forward and backward visit it.
+    tiny = p.q[..., :0], p.k[..., :0]  # map_heads reads the heads off these
+    plan = map_heads(
+      lambda q, k, v, bias, vis, seed: head_plan(blocks, q, k, vis),
+      *tiny, tiny[1], None, p.vis, None, out_axis=0, rows_in_turn=in_turn,
+    )  # fmt: skip
+    plan = _shared_plan(plan, p.vis)
     out, lse = _flash(
-      opts, blocks, in_turn, q, p.k, p.v, p.bias, p.vis, p.seed, p.sinks, p.score_mod
-    )
+      opts, blocks, in_turn, q, p.k, p.v, p.bias, p.vis, p.seed, p.sinks,
+      p.score_mod, plan,
+    )  # fmt: skip
     return out, lse
 
 

@@ -38,13 +38,16 @@ def map_heads(
   *,
   out_axis,
   per_head=(),
+  per_row=(),
   rows_in_turn=False,
 ):
-  """Apply ``head_fn(q, k, v, bias, vis, seed, *extra)`` to every head.
+  """Apply ``head_fn(q, k, v, bias, vis, seed, *per_head, *per_row)`` to
+  every head.
 
   q [B, T, H, D], k [B, S, K, D], v [B, S, K, V]; bias [B|1, H|1, T, S] or
   None; ``vis`` batched as its docstring says; seed [B, H] or None; each of
-  ``per_head`` is a pytree of [B, K, G, ...]. The head's results gain axes
+  ``per_head`` is a pytree of [B, K, G, ...], each of ``per_row`` one of
+  [B, ...] (the same for every head of a row). The head's results gain axes
   (K, G) at ``out_axis``; the batch axis is prepended. ``rows_in_turn``: the
   rows of the batch run one after another (``lax.map``) instead of as one
   vmap, so loops whose bounds differ by row run each row's own bounds.
@@ -85,21 +88,21 @@ def map_heads(
       **{name: axes[0 if over_batch else 1] for name, (_, *axes) in split.items()}
     )
 
-  def one_head(q, k, v, bias, vis, seed, extra):
-    return head_fn(q, k, v, bias, vis, seed, *extra)
+  def one_head(q, k, v, bias, vis, seed, extra, row_extra):
+    return head_fn(q, k, v, bias, vis, seed, *extra, *row_extra)
 
   over_groups = jax.vmap(
     one_head,
-    in_axes=(0, None, None, bias_h, axes(False), 0, 0),
+    in_axes=(0, None, None, bias_h, axes(False), 0, 0, None),
     out_axes=out_axis,
   )
   over_kv = jax.vmap(
     over_groups,
-    in_axes=(0, 0, 0, bias_h, axes(False), 0, 0),
+    in_axes=(0, 0, 0, bias_h, axes(False), 0, 0, None),
     out_axes=out_axis,
   )
-  in_axes = (0, 0, 0, bias_b, axes(True), 0, 0)
-  args = (q, k, v, bias, vis, seed, tuple(per_head))
+  in_axes = (0, 0, 0, bias_b, axes(True), 0, 0, 0)
+  args = (q, k, v, bias, vis, seed, tuple(per_head), tuple(per_row))
   if not rows_in_turn:
     return jax.vmap(over_kv, in_axes=in_axes, out_axes=0)(*args)
   return lax.map(

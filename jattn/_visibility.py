@@ -259,13 +259,17 @@ class Visibility:
     return by_array or any(x.shape[0] > 1 for x in by_logits.values())
 
   @property
-  def differs_by_head(self) -> bool:
-    """Whether the heads of a row may see different keys: a mod (it is
-    handed the head), or a mask or block mask with a head axis (outside
-    ``map_heads``)."""
+  def blocks_differ_by_head(self) -> bool:
+    """Whether the heads of a row may skip different blocks: a mask or
+    block mask with a head axis (outside ``map_heads``)."""
     by_logits = self.arrays_of('logits') | self.arrays_of('blocks')
-    by_head = any(x.shape[1] > 1 for x in by_logits.values())
-    return by_head or bool(self.arrays_of('shared'))
+    return any(x.shape[1] > 1 for x in by_logits.values())
+
+  @property
+  def differs_by_head(self) -> bool:
+    """Whether the heads of a row may see different keys: different blocks,
+    or a mod (it is handed the head)."""
+    return self.blocks_differ_by_head or bool(self.arrays_of('shared'))
 
   @property
   def _q_first(self):

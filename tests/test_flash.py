@@ -232,3 +232,17 @@ def test_when_rows_run_in_turn():
   assert not decide(batch=(1,), q_offsets=jnp.array([3]))
   assert not decide(q_len=8, **offsets)  # one block: nothing to choose
   assert not decide(backend='gpu', **offsets)
+
+
+def test_the_block_plan_is_built_once_and_shared_by_the_backward():
+  # The visit lists are sorted once per call: the gradient's program sorts
+  # no more than the forward's (before, the backward sorted them again).
+  q, k, v = helpers.qkv(0, q_len=64, kv_len=64)
+  ids = jnp.array([[0] * 30 + [1] * 34, [0] * 64])
+  for options in (dict(is_causal=True), dict(is_causal=True, q_segment_ids=ids)):
+    f = lambda q, k, v, options=options: jattn.dot_product_attention(
+      q, k, v, block_sizes=(16, 16), implementation='flash', **options
+    ).sum()
+    sorts = lambda fn: str(jax.make_jaxpr(fn)(q, k, v)).count(' sort[')
+    assert sorts(f) >= 1
+    assert sorts(jax.grad(f, argnums=(0, 1, 2))) == sorts(f), options
