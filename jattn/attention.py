@@ -110,10 +110,11 @@ def dot_product_attention(
       its arrays as operands.
     block_mask: a ``jattn.BlockMask`` from ``jattn.create_block_mask``: its
       ``mask_mod``, and the blocks flash may skip or run without the test.
-      It fixes the block sizes. Its states hold at positions ``0..T-1`` and
-      ``0..S-1``: with ``q_offsets`` or ``kv_offsets`` the mod is tested
-      element by element instead (the same mask, nothing skipped). A
-      ``mask_mod`` beside it must be its own.
+      Its block sizes are the call's unless ``block_sizes`` is given (then
+      its states are converted, ``BlockMask.to_block_sizes``). Its states
+      hold at positions ``0..T-1`` and ``0..S-1``: with ``q_offsets`` or
+      ``kv_offsets`` the mod is tested element by element instead (the same
+      mask, nothing skipped). A ``mask_mod`` beside it must be its own.
 
   Returns:
     ``[B..., T, H, V]`` in the query's dtype. A query row with nothing to

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,32 @@ class BlockMask:
     mod = _mods.combine(op, (self.mask_mod, other.mask_mod))
     shape = (max(b, ob), max(h, oh), t, s)
     return BlockMask(states.astype(jnp.int8), mod, shape, self.block_sizes)
+
+  def to_block_sizes(self, block_sizes) -> BlockMask:
+    """The same mask for other ``(query, key)`` block sizes: a block is
+    hidden (full) when every block of this mask it overlaps is hidden
+    (full), else partial. Exact for multiples of these sizes; otherwise
+    safe (a partial block is tested element by element)."""
+    bq2, bk2 = check_block_sizes(block_sizes)
+    if (bq2, bk2) == self.block_sizes:
+      return self
+    (bq, bk), (_, _, t, s) = self.block_sizes, self.shape
+    gq, gk = math.gcd(bq, bq2), math.gcd(bk, bk2)  # cells inside both
+    nq2, nk2 = -(-t // bq2), -(-s // bk2)
+    # Each cell's state, from the block it lies in; cells past T or S pad.
+    rows = jnp.arange(nq2 * (bq2 // gq)) * gq // bq
+    cols = jnp.arange(nk2 * (bk2 // gk)) * gk // bk
+    real = (rows[:, None] < -(-t // bq)) & (cols[None, :] < -(-s // bk))
+    rows, cols = (
+      jnp.minimum(x, n - 1) for x, n in ((rows, -(-t // bq)), (cols, -(-s // bk)))
+    )
+    cells = self.states[:, :, rows][:, :, :, cols]
+    grouped = lambda x: x.reshape(x.shape[:2] + (nq2, bq2 // gq, nk2, bk2 // gk))
+    padding = ~real[None, None]
+    hidden = grouped((cells == HIDDEN) | padding).all(axis=(3, 5))
+    full = grouped((cells == FULL) | padding).all(axis=(3, 5))
+    states = jnp.where(hidden, HIDDEN, jnp.where(full, FULL, PARTIAL))
+    return BlockMask(states.astype(jnp.int8), self.mask_mod, self.shape, (bq2, bk2))
 
   def sparsity(self):
     """The fraction of blocks skipped (hidden)."""
@@ -167,7 +194,8 @@ def check_broadcast(mask_mod: _mods.Mod, block_mask: BlockMask, dims: _mods.Call
 
 def checked_block_mask(block_mask, opts: Options, dims: _mods.CallDims):
   """``(states [B|1, H|1, nq, nk], opts)``: a call's ``block_mask`` checked
-  against the call; its block sizes become the call's."""
+  against the call, at the call's block sizes (converted) or, when the call
+  sets none, its own (which become the call's)."""
   batch, heads, q_len, kv_len = dims
   if not isinstance(block_mask, BlockMask):
     raise TypeError(
@@ -188,10 +216,7 @@ def checked_block_mask(block_mask, opts: Options, dims: _mods.CallDims):
       f'its shape and block sizes {block_mask.block_sizes}; got '
       f'{tuple(block_mask.states.shape)}.'
     )
-  if opts.block_sizes not in (None, block_mask.block_sizes):
-    raise ValueError(
-      f'`block_sizes`={opts.block_sizes} differ from those `block_mask` was '
-      f'built with, {block_mask.block_sizes}; leave `block_sizes` unset.'
-    )
+  if opts.block_sizes is not None:
+    block_mask = block_mask.to_block_sizes(opts.block_sizes)
   opts = dataclasses.replace(opts, block_sizes=block_mask.block_sizes)
   return block_mask.states, opts

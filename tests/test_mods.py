@@ -322,8 +322,6 @@ def test_block_mask_for_another_call_is_refused():
   with pytest.raises(ValueError, match=r'built for \(B, H, T, S\) = \(1, 1, 16, 8\)'):
     jattn.dot_product_attention(q, k, v, block_mask=other_shape)
   block_mask = jattn.create_block_mask(causal, None, None, 16, 16, block_sizes=(8, 8))
-  with pytest.raises(ValueError, match=r'`block_sizes`=\(16, 16\) differ'):
-    jattn.dot_product_attention(q, k, v, block_mask=block_mask, block_sizes=(16, 16))
   with pytest.raises(ValueError, match='both given with different mods'):
     jattn.dot_product_attention(q, k, v, block_mask=block_mask, mask_mod=striped)
   with pytest.raises(ValueError, match=r"'xla' cannot take.*mask_mod"):
@@ -427,3 +425,22 @@ def test_and_or_masks_and_block_masks_combine_to_the_mask_they_describe():
     _ = make(causal) & jattn.create_block_mask(causal, 1, 2, 24, 16)
   with pytest.raises(TypeError, match='argument 1 is not a function'):
     jattn.mods.and_masks(causal, 3)
+
+
+def test_a_block_mask_converts_to_the_call_s_block_sizes():
+  causal = MASK_MODS['causal']
+  fine = jattn.create_block_mask(causal, None, 2, 40, 36, block_sizes=(8, 4))
+  # To multiples: the states of a mask built at those sizes.
+  coarse = jattn.create_block_mask(causal, None, 2, 40, 36, block_sizes=(16, 12))
+  np.testing.assert_array_equal(fine.to_block_sizes((16, 12)).states, coarse.states)
+  # To sizes that are no multiples: safe, and the call takes them.
+  q, k, v = helpers.qkv(13, q_len=40, kv_len=36, heads=2, kv_heads=1)
+  out = jattn.dot_product_attention(
+    q, k, v, block_mask=fine, block_sizes=(24, 16), implementation='flash'
+  )
+  expected = jattn.dot_product_attention(
+    q, k, v, mask_mod=causal, implementation='reference'
+  )
+  testing.assert_trees_close(out, expected, jnp.float32)
+  odd = fine.to_block_sizes((24, 16)).states
+  assert odd.shape == (1, 2, 2, 3) and (odd == HIDDEN).any() and (odd == FULL).any()
