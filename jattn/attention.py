@@ -145,7 +145,6 @@ def attention_of_stored(query, key, value, **options):
   kernel as a batched matrix product per KV head). With
   ``return_residual``, the log-sum-exp is ``attention_and_lse``'s (float32,
   differentiable: for merging partial results over pages)."""
-  key, value = jnp.swapaxes(key, -3, -2), jnp.swapaxes(value, -3, -2)
   arguments = dict(options, query=query, key=key, value=value)
   call, opts, statics = _call.split_call(arguments, strict=True)
   lse_gradient = opts.return_residual
@@ -156,6 +155,9 @@ def attention_of_stored(query, key, value, **options):
   jax.jit, static_argnames=('opts', 'statics', 'lse_gradient', 'kv_heads_first')
 )
 def _attention_jit(call, opts, statics, lse_gradient=False, kv_heads_first=False):
+  if kv_heads_first:  # stored [B..., K, S, X], seen as [B..., S, K, X] (a view)
+    swap = lambda x: jnp.swapaxes(x, -3, -2)
+    call = call._replace(key=swap(call.key), value=swap(call.value))
   p = _prepare.prepare_call(call, opts, statics, kv_heads_first)
   kernel_for = functools.partial(_registry.select, lse_gradient=lse_gradient)
   return run(p, kernel_for, lse_gradient)
