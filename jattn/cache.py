@@ -52,13 +52,31 @@ from jattn.attention import attention_of_stored
 from jattn.block_mask import BlockMask
 
 
+class _HeadMajor:
+  """What both layouts share: keys and values stored ``[..., K, positions,
+  D|V]`` (``_stored``)."""
+
+  @property
+  def kv_heads(self) -> int:
+    return self._stored()[0].shape[1]
+
+  @property
+  def dtype(self):
+    return self._stored()[0].dtype
+
+  def head_dims(self):
+    """``((K, D), (K, V))`` of what it stores."""
+    key, value = (x.shape for x in self._stored())
+    return (key[1], key[3]), (value[1], value[3])
+
+
 @functools.partial(
   jax.tree_util.register_dataclass,
   data_fields=('key', 'value', 'lengths'),
   meta_fields=(),
 )
 @dataclasses.dataclass(frozen=True)
-class KVCache:
+class KVCache(_HeadMajor):
   """A dense cache: ``key [B, K, S_max, D]``, ``value [B, K, S_max, V]``,
   ``lengths [B]`` int32 (tokens stored per sequence).
 
@@ -80,18 +98,8 @@ class KVCache:
   def capacity(self) -> int:
     return self.key.shape[2]
 
-  @property
-  def kv_heads(self) -> int:
-    return self.key.shape[1]
-
-  @property
-  def dtype(self):
-    return self.key.dtype
-
-  def head_dims(self):
-    """``((K, D), (K, V))`` of what it stores."""
-    key, value = self.key.shape, self.value.shape
-    return (key[1], key[3]), (value[1], value[3])
+  def _stored(self):
+    return self.key, self.value
 
   def specs(self, batch, model) -> KVCache:
     """PartitionSpecs: sequences over ``batch``, KV heads over ``model``
@@ -140,7 +148,7 @@ class KVCache:
   meta_fields=(),
 )
 @dataclasses.dataclass(frozen=True)
-class PagedKVCache:
+class PagedKVCache(_HeadMajor):
   """A paged cache: a pool of pages ``key_pages [P, K, page_size, D]``,
   ``value_pages [P, K, page_size, V]`` (head-major, as ``KVCache``);
   ``page_table [B, max_pages]`` int32, the pool page of each sequence's
@@ -166,18 +174,8 @@ class PagedKVCache:
   # Its keys lie in pages: per-key arrays ([..., S]) have no place to go.
   takes_per_key_arrays = False
 
-  @property
-  def kv_heads(self) -> int:
-    return self.key_pages.shape[1]
-
-  @property
-  def dtype(self):
-    return self.key_pages.dtype
-
-  def head_dims(self):
-    """``((K, D), (K, V))`` of what it stores."""
-    key, value = self.key_pages.shape, self.value_pages.shape
-    return (key[1], key[3]), (value[1], value[3])
+  def _stored(self):
+    return self.key_pages, self.value_pages
 
   def specs(self, batch, model) -> PagedKVCache:
     """PartitionSpecs: the pool's heads over ``model``, the page table and
