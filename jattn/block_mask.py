@@ -87,14 +87,13 @@ class BlockMask:
       return self
     (bq, bk), (_, _, t, s) = self.block_sizes, self.shape
     gq, gk = math.gcd(bq, bq2), math.gcd(bk, bk2)  # cells inside both
+    nq, nk = self.states.shape[2:]
     nq2, nk2 = -(-t // bq2), -(-s // bk2)
     # Each cell's state, from the block it lies in; cells past T or S pad.
     rows = jnp.arange(nq2 * (bq2 // gq)) * gq // bq
     cols = jnp.arange(nk2 * (bk2 // gk)) * gk // bk
-    real = (rows[:, None] < -(-t // bq)) & (cols[None, :] < -(-s // bk))
-    rows, cols = (
-      jnp.minimum(x, n - 1) for x, n in ((rows, -(-t // bq)), (cols, -(-s // bk)))
-    )
+    real = (rows[:, None] < nq) & (cols[None, :] < nk)
+    rows, cols = jnp.minimum(rows, nq - 1), jnp.minimum(cols, nk - 1)
     cells = self.states[:, :, rows][:, :, :, cols]
     grouped = lambda x: x.reshape(x.shape[:2] + (nq2, bq2 // gq, nk2, bk2 // gk))
     padding = ~real[None, None]
