@@ -78,19 +78,17 @@ def prepare(
     head_index=jnp.arange(heads, dtype=jnp.int32),
   )
   dims = CallDims(batch, heads, q_len, kv_len)
-  mask_mod, mod_blocks = mods.mask_mod, None
+  mask_mod, mod_blocks, mod_grid = mods.mask_mod, None, None
   if mods.block_mask is not None:
-    mod_blocks, opts = checked_block_mask(mods.block_mask, opts, dims)
-    mask_mod = mods.block_mask.mask_mod
+    mod_blocks = checked_block_mask(mods.block_mask, dims)
+    mask_mod, mod_grid = mods.block_mask.mask_mod, mods.block_mask.grid
   if mask_mod is not None:
     mask_mod = Mod.trace(mask_mod, 'mask_mod', dims)
     if mod_blocks is not None:
       check_broadcast(mask_mod, mods.block_mask, dims)
-  if 'q_offsets' in arrays or 'kv_offsets' in arrays:
-    # The block states hold for positions 0..T-1 and 0..S-1: at other
-    # positions the mod is tested element by element (same mask, no skips).
-    mod_blocks = None
-  vis = vis.replace(q_size=q_len, mask_mod=mask_mod, mod_blocks=mod_blocks)
+  vis = vis.replace(
+    q_size=q_len, mask_mod=mask_mod, mod_blocks=mod_blocks, mod_grid=mod_grid
+  )
   score_mod = None
   if mods.score_mod is not None:
     score_mod = Mod.trace(mods.score_mod, 'score_mod', dims)

@@ -2,7 +2,8 @@
 
 A kernel has a ``name``, ``supports(p) -> reasons`` (an empty list when it
 can take the prepared call ``p``) and ``__call__(p) -> (out [B, T, H, V],
-lse [B, T, H])``; optionally ``preferred(p)``, whether the automatic choice
+lse [B, T, H])`` (lse may be None for a kernel that refuses
+``return_residual``); optionally ``preferred(p)``, whether the automatic choice
 should take a call it supports (default yes). The automatic choice is a
 policy per backend: the first kernel of ``AUTO[p.backend]`` that supports
 and prefers the call; an explicit choice that cannot take it is a
@@ -14,19 +15,21 @@ from __future__ import annotations
 from jattn._decode import Decode
 from jattn._flash import Flash
 from jattn._reference import Reference
+from jattn._splash import Splash
 from jattn._types import Prepared
 from jattn._xla import Xla
 
 KERNELS = {
-  k.name: k for k in (Flash(), Reference(), Xla('xla'), Xla('cudnn'), Decode())
+  k.name: k
+  for k in (Flash(), Reference(), Xla('xla'), Xla('cudnn'), Decode(), Splash())
 }
 # The automatic choice by backend: decode for few queries against many keys;
-# on a GPU cuDNN where it fits (half precision, ...), else flash, which takes
-# every call.
+# on a GPU cuDNN where it fits (half precision, ...), on a TPU splash where
+# it can express the call; else flash, which takes every call.
 AUTO = {
   'gpu': ('decode', 'cudnn', 'flash'),
   'cpu': ('decode', 'flash'),
-  'tpu': ('decode', 'flash'),
+  'tpu': ('decode', 'splash', 'flash'),
 }
 
 

@@ -219,6 +219,9 @@ def visibility_specs(vis, data, model, seq):
   each shard then holds the global batch and head indices of its part."""
   along = lambda spec: lambda _: spec
   return vis.map_arrays(
+    blocks=lambda x: P(
+      *(None if n == 1 else a for a, n in ((data, x.shape[0]), (model, x.shape[1])))
+    ),
     sequence=along(P(data)),
     heads=along(P(model)),
     rows=along(P(data, seq)),
@@ -271,9 +274,8 @@ class Ring:
       pad_axis(p.k, 1, kv_size),
       pad_axis(p.v, 1, kv_size),
     )
-    # A block mask's states are per block of the whole sequence: each ring
-    # step tests its mask_mod element by element instead.
-    vis = p.vis.replace(mod_blocks=None).map_arrays(
+    # A block mask's states are looked up at each step's chunk positions.
+    vis = p.vis.map_arrays(
       rows=lambda x: pad_axis(x, 1, q_size), cols=lambda x: pad_axis(x, 1, kv_size)
     )
 

@@ -45,6 +45,15 @@ OPTION_NAMES = {
 }
 
 
+def options_given(opts: Options) -> list[str]:
+  """The options set away from their defaults."""
+  return [
+    field.name
+    for field in dataclasses.fields(opts)
+    if getattr(opts, field.name) != field.default
+  ]
+
+
 class Prepared(NamedTuple):
   """Kernel-ready arguments (what every kernel takes): one flat batch axis
   B = prod(B...).

@@ -26,8 +26,10 @@ exact visible interval, which is the element test. The other rules give an
 element test and per-block flags (segment ids by the blocks' min and max
 ids, correct for unsorted ids; a dense mask by its blocks' any and all; a
 ``mask_mod`` by the states of its block mask, ``jattn.create_block_mask``,
-else every block it touches is partial). A mod is handed positions of real
-rows and columns only: padded ones are clamped to the last real one.
+looked up by position, so a block mask serves any block size, offsets, ring
+steps and decode steps; else every block it touches is partial). A mod is
+handed positions of real rows and columns only: padded ones are clamped to
+the last real one.
 ``block_states`` classifies every (query block, key block) pair as hidden,
 partial (test each element) or full (no test) from all of them, for one row
 of the batch and one head (``block_plan``: the visit lists): skipping
@@ -49,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jattn._types import FULL, HIDDEN, PARTIAL
+from jattn._types import FULL, HIDDEN, OPTION_NAMES, PARTIAL
 
 # Stands for an unbounded position (well inside int32).
 _FAR = 2**29
@@ -62,7 +64,7 @@ _FAR = 2**29
 #   rows      [B, T]                 one per query row
 #   cols      [B, S]                 one per key column (travels with the keys)
 #   logits    [B|1, H|1, T|1, S|1]   broadcast like the logits
-#   blocks    [B|1, H|1, nq, nk]     per block of the logits (a block mask)
+#   blocks    [B|1, H|1, nq, nk]     per block of a block mask (its own grid)
 #   step      scalar                 shared by the batch (a ring step's starts)
 #   shared    any pytree             the same everywhere (a mod's arrays)
 # Inside ``map_heads`` each is one head's: a scalar, [T], [S], [T|1, S|1] or
@@ -80,7 +82,7 @@ class Array:
   ``interval(vis, first, last)`` -> ``(seen, full)``, the columns that some
   and every row of ``first..last`` may see (``Visibility._intervals``);
   or, for a rule that is not an interval, ``elements(vis, r0, c0, rows,
-  cols)`` -> ``[rows|1, cols|1]`` bool and ``blocks(vis, bq, bk)`` ->
+  cols)`` -> ``[rows|1, cols|1]`` bool and ``blocks(vis, bq, bk, nq, nk)`` ->
   ``(some, every)`` ``[nq|1, nk|1]`` flags (some element of the block may
   be visible; every one is).
   """
@@ -118,12 +120,51 @@ def _mod_elements(vis, r0, c0, rows: int, cols: int):
   return vis.mask_mod.on_block(*vis.mod_indices(r0, c0, rows, cols))
 
 
-def _mod_block_flags(vis, bq: int, bk: int):
-  """From the states of the mod's block mask; without one every block the
-  mod applies to is partial (tested element by element)."""
+def _mod_block_flags(vis, bq: int, bk: int, nq: int, nk: int):
+  """From the states of the mod's block mask, at the positions each local
+  block covers (``_covered``): hidden (full) when every block of the mask
+  it overlaps is; partial where the mask does not reach. Without a block
+  mask every block the mod applies to is partial."""
   if vis.mod_blocks is None:
     return True, False
-  return vis.mod_blocks != HIDDEN, vis.mod_blocks == FULL
+  size_q, size_kv, mask_bq, mask_bk = vis.mod_grid
+  q_first = vis._q_first + jnp.arange(nq, dtype=jnp.int32) * bq
+  kv_first = vis._kv_first + jnp.arange(nk, dtype=jnp.int32) * bk
+  q_last = (
+    q_first + bq - 1
+    if vis.q_size is None
+    else jnp.minimum(q_first + bq - 1, vis.q_size - 1)
+  )
+  kv_last = (
+    kv_first + bk - 1
+    if vis.kv_size is None
+    else jnp.minimum(kv_first + bk - 1, vis.kv_size - 1)
+  )
+  rows, row_in, row_known = _covered(
+    q_first + vis._q_shift, q_last + vis._q_shift, bq, mask_bq, size_q
+  )
+  cols, col_in, col_known = _covered(
+    kv_first + vis._kv_shift, kv_last + vis._kv_shift, bk, mask_bk, size_kv
+  )
+  cells = vis.mod_blocks[rows[:, None, :, None], cols[None, :, None, :]]
+  inside = row_in[:, None, :, None] & col_in[None, :, None, :]
+  known = row_known[:, None] & col_known[None, :]  # [nq, nk]
+  hidden = jnp.all((cells == HIDDEN) | ~inside, axis=(2, 3)) & known
+  full = jnp.all((cells == FULL) | ~inside, axis=(2, 3)) & known
+  return ~hidden, full
+
+
+def _covered(first, last, size: int, mask_size: int, extent: int):
+  """The blocks of ``mask_size`` (of a mask over positions ``0..extent-1``)
+  that runs of positions ``first..last`` ``[n]`` (local blocks of ``size``)
+  overlap: ``(index [n, span], overlapped [n, span], known [n])``; a run
+  reaching outside the mask is not known."""
+  span = -(-size // mask_size) + 1  # a misaligned run overlaps one more
+  start = jnp.floor_divide(first, mask_size)
+  index = start[:, None] + jnp.arange(span, dtype=jnp.int32)[None]
+  overlapped = index <= jnp.floor_divide(last, mask_size)[:, None]
+  known = (first >= 0) & (last < extent)
+  return jnp.clip(index, 0, -(-extent // mask_size) - 1), overlapped, known
 
 
 ARRAYS = {
@@ -136,7 +177,7 @@ ARRAYS = {
     'rows',
     '[B..., T]',
     elements=_segment_elements,
-    blocks=lambda vis, bq, bk: _segment_blocks(
+    blocks=lambda vis, bq, bk, nq, nk: _segment_blocks(
       vis.q_segment_ids, bq, vis.kv_segment_ids, bk
     ),
   ),
@@ -147,7 +188,7 @@ ARRAYS = {
     'logits',
     what='mask',
     elements=_mask_elements,
-    blocks=lambda vis, bq, bk: _mask_blocks(vis.mask, bq, bk),
+    blocks=lambda vis, bq, bk, nq, nk: _mask_blocks(vis.mask, bq, bk),
   ),
   'mod_blocks': Array('blocks', what='block_mask'),
   'mask_mod': Array(
@@ -158,6 +199,23 @@ ARRAYS = {
 }
 
 
+# The public names of the value's fields and the call's options, for a
+# kernel's refusals (the rest are named as they are).
+_PUBLIC_NAMES = {
+  **{name: array.what for name, array in ARRAYS.items() if array.what},
+  **OPTION_NAMES,
+  'kv_extent': 'padded keys',
+  'mod_grid': 'block_mask',
+}
+
+
+def refused(given: list[str], allowed: set[str]) -> list[str]:
+  """The public names of the ``given`` fields (``Visibility.given``,
+  ``options_given``) that a kernel has not ``allowed``, once each."""
+  names = [_PUBLIC_NAMES.get(name, name) for name in given if name not in allowed]
+  return list(dict.fromkeys(names))
+
+
 def sequence_arrays() -> tuple[str, ...]:
   """The per-sequence arrays a user passes, by public keyword."""
   return tuple(name for name, array in ARRAYS.items() if array.layout)
@@ -166,7 +224,7 @@ def sequence_arrays() -> tuple[str, ...]:
 # The static rules: fields of the call's ``Options`` (public keywords in
 # ``_types.OPTION_NAMES``), and the value's other static fields.
 STATIC_RULES = ('is_causal', 'window', 'chunk_size')
-_META = (*STATIC_RULES, 'q_size', 'kv_size', 'kv_extent')
+_META = (*STATIC_RULES, 'q_size', 'kv_size', 'kv_extent', 'mod_grid')
 
 
 @jax.tree_util.register_pytree_node_class
@@ -175,7 +233,8 @@ class Visibility:
   one reads None; offsets and starts then 0). ``batch_index``/``head_index``
   are the global batch row and query head (what a kernel hands a mod);
   ``q_size``/``kv_size`` the rows and columns of the whole sequence;
-  ``mask_mod`` a ``_mods.Mod``, ``mod_blocks`` the states of its block mask.
+  ``mask_mod`` a ``_mods.Mod``, ``mod_blocks`` the states of its block mask
+  and ``mod_grid`` what they cover: ``(T, S, bq, bk)``.
   A pytree: the set arrays are its leaves."""
 
   def __init__(
@@ -187,6 +246,7 @@ class Visibility:
     q_size: int | None = None,
     kv_size: int | None = None,
     kv_extent: int | None = None,
+    mod_grid: tuple[int, int, int, int] | None = None,
     **arrays,
   ):
     unknown = sorted(set(arrays) - set(ARRAYS))
@@ -194,6 +254,7 @@ class Visibility:
       raise TypeError(f'Visibility has no array {unknown}; ARRAYS declares them.')
     self.is_causal, self.window, self.chunk_size = is_causal, window, chunk_size
     self.q_size, self.kv_size, self.kv_extent = q_size, kv_size, kv_extent
+    self.mod_grid = mod_grid
     self.arrays = arrays  # None: unset (a pytree with no leaves)
 
   def __getattr__(self, name):
@@ -268,8 +329,9 @@ class Visibility:
   @property
   def differs_by_head(self) -> bool:
     """Whether the heads of a row may see different keys: different blocks,
-    or a mod (it is handed the head)."""
-    return self.blocks_differ_by_head or bool(self.arrays_of('shared'))
+    or a mod that reads the head it is handed."""
+    mods = self.arrays_of('shared').values()
+    return self.blocks_differ_by_head or any(m.depends_on('h') for m in mods)
 
   @property
   def _q_first(self):
@@ -388,7 +450,7 @@ class Visibility:
       (low, high), (full_low, full_high) = intervals
       some = (col_last >= low[:, None]) & (col_first <= high[:, None])
       every = (col_first >= full_low[:, None]) & (col_last <= full_high[:, None])
-    for flags in (rule(self, bq, bk) for rule in self._rules('blocks')):
+    for flags in (rule(self, bq, bk, nq, nk) for rule in self._rules('blocks')):
       some, every = some & flags[0], every & flags[1]
     return jnp.where(some, jnp.where(every, FULL, PARTIAL), HIDDEN)
 

@@ -11,15 +11,13 @@ saying which rows those are.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
 from jattn import masks
 from jattn._heads import map_heads
-from jattn._types import OPTION_NAMES, Prepared
-from jattn._visibility import ARRAYS
+from jattn._types import Prepared, options_given
+from jattn._visibility import refused
 
 # cuDNN's fused attention takes half precision and head dims up to 128 in
 # multiples of 8.
@@ -47,26 +45,6 @@ _OPTIONS = {
   'block_sizes',
   'return_residual',
 }
-# The public names of the fields it lacks (the rest are named as they are).
-_NAMES = {
-  **{name: array.what for name, array in ARRAYS.items() if array.what},
-  **OPTION_NAMES,
-  'kv_extent': 'padded keys',
-}
-
-
-def _unsupported(given: list[str], allowed: set[str]) -> list[str]:
-  """The public names of the ``given`` fields that are not ``allowed``."""
-  return [_NAMES.get(name, name) for name in given if name not in allowed]
-
-
-def _options_given(opts) -> list[str]:
-  """The options set away from their defaults."""
-  return [
-    field.name
-    for field in dataclasses.fields(opts)
-    if getattr(opts, field.name) != field.default
-  ]
 
 
 def _bias_and_mask(p: Prepared):
@@ -82,6 +60,36 @@ def _bias_and_mask(p: Prepared):
   return jnp.where(hidden, 0.0, bias), masks.combine_masks(p.vis.mask, ~hidden)
 
 
+def gpu_capability() -> tuple[int, ...]:
+  """The first GPU's CUDA compute capability, e.g. (9, 0) on a Hopper."""
+  device = jax.devices('gpu')[0]
+  return tuple(int(x) for x in device.compute_capability.split('.'))
+
+
+def _cudnn_reasons(p: Prepared) -> list[str]:
+  """What cuDNN's fused attention, as ``jax.nn`` calls it, cannot take
+  beyond the rules both share."""
+  reasons = []
+  if p.backend != 'gpu':
+    reasons.append(f'the {p.backend!r} backend (cuDNN needs an NVIDIA GPU)')
+  if jnp.dtype(p.q.dtype) not in _CUDNN_DTYPES:
+    reasons.append(f'{p.q.dtype} inputs (cuDNN takes float16 or bfloat16)')
+  # Hopper (compute capability 9.0) and later take head dims up to 256.
+  most = 256 if p.backend == 'gpu' and gpu_capability() >= (9, 0) else 128
+  head_dim = p.q.shape[-1]
+  if head_dim > most or head_dim % 8:
+    reasons.append(
+      f'head dim D={head_dim} (cuDNN on this GPU: a multiple of 8 up to {most})'
+    )
+  window = p.vis.window
+  if window is not None and window[1] > 0 and not p.vis.is_causal:
+    reasons.append(f'local_window_size={window} (cuDNN: left windows only)')
+  q_len, kv_len = p.q.shape[1], p.k.shape[1]
+  if p.bias is not None and (q_len % 2 or kv_len % 2):
+    reasons.append(f'a bias with T={q_len}, S={kv_len} (its backward needs both even)')
+  return reasons
+
+
 class Xla:
   """``jax.nn.dot_product_attention(implementation=name)`` behind the kernel
   contract (see ``_registry``); ``name`` is 'xla' or 'cudnn'."""
@@ -90,19 +98,10 @@ class Xla:
     self.name = name
 
   def supports(self, p: Prepared) -> list[str]:
-    reasons = []
-    if self.name == 'cudnn':
-      backend = p.backend
-      head_dim = p.q.shape[-1]
-      if backend != 'gpu':
-        reasons.append(f'the {backend!r} backend (cuDNN needs an NVIDIA GPU)')
-      if jnp.dtype(p.q.dtype) not in _CUDNN_DTYPES:
-        reasons.append(f'{p.q.dtype} inputs (cuDNN takes float16 or bfloat16)')
-      if head_dim > 128 or head_dim % 8:
-        reasons.append(f'head dim D={head_dim} (cuDNN: a multiple of 8 up to 128)')
-    unsupported = _unsupported(p.vis.given(), _RULES)
-    unsupported += _unsupported(_options_given(p.opts), _OPTIONS)
-    reasons += list(dict.fromkeys(unsupported))  # once each, in order
+    reasons = _cudnn_reasons(p) if self.name == 'cudnn' else []
+    unsupported = refused(p.vis.given(), _RULES)
+    unsupported += refused(options_given(p.opts), _OPTIONS)
+    reasons += unsupported
     reasons += [
       name
       for name, default in Prepared._field_defaults.items()
@@ -111,6 +110,11 @@ class Xla:
     if p.v.shape[-1] != p.k.shape[-1]:
       reasons.append(f'value head dim V={p.v.shape[-1]} != D={p.k.shape[-1]}')
     return reasons
+
+  def preferred(self, p: Prepared) -> bool:
+    """cuDNN turns a dense mask into a ``[B, H, T, S]`` bias: the automatic
+    choice leaves such calls to flash (an explicit 'cudnn' takes them)."""
+    return self.name != 'cudnn' or p.vis.mask is None
 
   def __call__(self, p: Prepared):
     as_int32 = lambda x: None if x is None else x.astype(jnp.int32)

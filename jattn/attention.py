@@ -175,8 +175,9 @@ def run(p: Prepared, kernel_for, lse_gradient: bool = False):
     out = jnp.zeros(shape, p.q.dtype)
     lse = jnp.full(shape[:-1], -jnp.inf)
   else:
-    out, lse = kernel_for(p)(p)
-    out, lse = out.reshape(shape), lse.reshape(shape[:-1])
+    out, lse = kernel_for(p)(p)  # lse None: a kernel that takes no return_residual
+    out = out.reshape(shape)
+    lse = None if lse is None else lse.reshape(shape[:-1])
   if not p.opts.return_residual:
     return out
   if lse_gradient:

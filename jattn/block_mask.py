@@ -3,7 +3,6 @@ leaves partly or fully visible, evaluated block by block under ``jax.jit``."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -14,7 +13,7 @@ from jax import lax
 from jattn import _mods
 from jattn._options import as_int, check_block_sizes
 from jattn._options import block_sizes as default_block_sizes
-from jattn._types import FULL, HIDDEN, PARTIAL, Options
+from jattn._types import FULL, HIDDEN, PARTIAL
 from jattn._visibility import Visibility
 
 
@@ -102,6 +101,11 @@ class BlockMask:
     states = jnp.where(hidden, HIDDEN, jnp.where(full, FULL, PARTIAL))
     return BlockMask(states.astype(jnp.int8), self.mask_mod, self.shape, (bq2, bk2))
 
+  @property
+  def grid(self) -> tuple[int, int, int, int]:
+    """``(T, S, bq, bk)``: the positions and blocks the states cover."""
+    return (*self.shape[2:], *self.block_sizes)
+
   def sparsity(self):
     """The fraction of blocks skipped (hidden)."""
     return jnp.mean(self.states == HIDDEN)
@@ -123,10 +127,13 @@ def create_block_mask(mask_mod, B, H, T, S, *, block_sizes=None) -> BlockMask:
   this backend and these lengths) is hidden, full or partial; flash then
   skips the hidden blocks and tests elements only in the partial ones. Pass
   it as ``block_mask=`` to ``jattn.dot_product_attention``, the multi-head
-  functions or the wrappers; build it once and use it in every layer.
-  Positions are ``0..T-1`` and ``0..S-1``: a call with ``q_offsets`` or
-  ``kv_offsets`` (a cache step) tests the mod element by element instead of
-  using the states (the same mask, without the skipping). The mod is
+  functions, the wrappers or ``jattn.sharding.ring_attention``; build it
+  once and use it in every layer. The states describe query positions
+  ``0..T-1`` and key positions ``0..S-1``; a kernel reads them at its own
+  block sizes and at the call's positions (``q_offsets``/``kv_offsets``, a
+  ring step's chunks, a cache step's rows: the rows of a decode step read
+  their own rows' states), and tests the mod element by element where they
+  do not reach (the same mask, without the skipping). The mod is
   evaluated one ``[block, S]`` slab at a time (never ``[T, S]``); inside a
   ``jax.jit`` it may close over runtime arrays (document ids).
 
@@ -191,21 +198,22 @@ def check_broadcast(mask_mod: _mods.Mod, block_mask: BlockMask, dims: _mods.Call
       )
 
 
-def checked_block_mask(block_mask, opts: Options, dims: _mods.CallDims):
-  """``(states [B|1, H|1, nq, nk], opts)``: a call's ``block_mask`` checked
-  against the call, at the call's block sizes (converted) or, when the call
-  sets none, its own (which become the call's)."""
-  batch, heads, q_len, kv_len = dims
+def checked_block_mask(block_mask, dims: _mods.CallDims):
+  """A call's ``block_mask`` checked against the call: its states ``[B|1,
+  H|1, nq, nk]``. They are looked up by position at the kernel's own block
+  sizes (``_visibility``), so the call may have other lengths, offsets and
+  block sizes than the mask was built for."""
+  batch, heads = dims.batch, dims.heads
   if not isinstance(block_mask, BlockMask):
     raise TypeError(
       '`block_mask` must be a jattn.BlockMask (from jattn.create_block_mask); '
       f'got {type(block_mask).__name__}.'
     )
   b, h, t, s = block_mask.shape
-  if (t, s) != (q_len, kv_len) or b not in (1, batch) or h not in (1, heads):
+  if b not in (1, batch) or h not in (1, heads):
     raise ValueError(
       f'`block_mask` was built for (B, H, T, S) = {block_mask.shape}; this '
-      f'call has ({batch}, {heads}, {q_len}, {kv_len}) (B and H may be 1).'
+      f'call has B={batch}, H={heads} (B and H may be 1).'
     )
   bq, bk = block_mask.block_sizes
   states_shape = (b, h, -(-t // bq), -(-s // bk))
@@ -215,7 +223,4 @@ def checked_block_mask(block_mask, opts: Options, dims: _mods.CallDims):
       f'its shape and block sizes {block_mask.block_sizes}; got '
       f'{tuple(block_mask.states.shape)}.'
     )
-  if opts.block_sizes is not None:
-    block_mask = block_mask.to_block_sizes(opts.block_sizes)
-  opts = dataclasses.replace(opts, block_sizes=block_mask.block_sizes)
-  return block_mask.states, opts
+  return block_mask.states

@@ -196,9 +196,8 @@ def ring_attention(
   ``model`` axes when it has them and they divide B and both H and K.
   Causal attention runs in zig-zag order so every device does equal work.
   Any T and S work (padded inside to a multiple of the ring size; 2x for
-  causal). ``mask_mod`` and ``score_mod`` see global positions; a
-  ``block_mask``'s mask_mod is tested element by element in every step (its
-  block states are for the whole sequence's blocks).
+  causal). ``mask_mod`` and ``score_mod`` see global positions; each step
+  skips what a ``block_mask`` hides in its pair of chunks.
   """
   call, opts, statics = _call.split_call(locals())
   if opts.implementation not in (None, 'flash'):

@@ -318,9 +318,17 @@ def test_bad_mods_are_clear_errors(name):
 def test_block_mask_for_another_call_is_refused():
   q, k, v = helpers.qkv(12, q_len=16, kv_len=16)
   causal = MASK_MODS['causal']
-  other_shape = jattn.create_block_mask(causal, None, None, 16, 8)
-  with pytest.raises(ValueError, match=r'built for \(B, H, T, S\) = \(1, 1, 16, 8\)'):
-    jattn.dot_product_attention(q, k, v, block_mask=other_shape)
+  other_rows = jattn.create_block_mask(causal, 3, None, 16, 16)
+  with pytest.raises(ValueError, match=r'built for \(B, H, T, S\) = \(3, 1, 16, 16\)'):
+    jattn.dot_product_attention(q, k, v, block_mask=other_rows)
+  # Other lengths are no error: where its states do not reach, the mod is
+  # tested element by element.
+  shorter = jattn.create_block_mask(causal, None, None, 16, 8, block_sizes=(8, 8))
+  testing.assert_trees_close(
+    jattn.dot_product_attention(q, k, v, block_mask=shorter, implementation='flash'),
+    jattn.dot_product_attention(q, k, v, is_causal=True),
+    q.dtype,
+  )
   block_mask = jattn.create_block_mask(causal, None, None, 16, 16, block_sizes=(8, 8))
   with pytest.raises(ValueError, match='both given with different mods'):
     jattn.dot_product_attention(q, k, v, block_mask=block_mask, mask_mod=striped)
@@ -444,3 +452,43 @@ def test_a_block_mask_converts_to_the_call_s_block_sizes():
   testing.assert_trees_close(out, expected, jnp.float32)
   odd = fine.to_block_sizes((24, 16)).states
   assert odd.shape == (1, 2, 2, 3) and (odd == HIDDEN).any() and (odd == FULL).any()
+
+
+# (q_len, kv_len, q_offset, kv_offset, kernel blocks, aligned with the mask's)
+READ_AT = {
+  'rows 8-23, coarser key blocks': (16, 48, 8, 0, (8, 16), True),
+  'a decode step (one row)': (1, 48, 37, 0, (1, 8), False),
+  'misaligned offsets and blocks': (12, 20, 5, 3, (8, 8), False),
+  'a ring step (16 rows from 24)': (16, 24, 24, 24, (8, 8), True),
+  'partly past the mask': (16, 16, 32, 40, (8, 8), False),
+}
+
+
+@pytest.mark.parametrize('case', sorted(READ_AT), ids=str)
+def test_a_block_mask_is_read_at_the_call_s_positions_and_blocks(case):
+  """The states a kernel reads at its own blocks and the call's positions
+  equal brute force where the blocks align, and never call a block hidden
+  or full that is not, where they do not."""
+  q_len, kv_len, q_offset, kv_offset, (bq, bk), aligned = READ_AT[case]
+  mod = MASK_MODS['window per head']
+  block_mask = jattn.create_block_mask(mod, None, 2, 40, 48, block_sizes=(8, 8))
+  nq, nk = -(-q_len // bq), -(-kv_len // bk)
+  expected = np.empty((2, nq, nk), np.int8)
+  mask = dense(mod, 1, 2, q_len, kv_len, q_offset, kv_offset)[0]
+  for i in range(nq):
+    for j in range(nk):
+      block = mask[:, i * bq : (i + 1) * bq, j * bk : (j + 1) * bk]
+      some, every = block.any(axis=(1, 2)), block.all(axis=(1, 2))
+      expected[:, i, j] = np.where(some, np.where(every, FULL, PARTIAL), HIDDEN)
+  for h in range(2):
+    vis = Visibility(
+      q_size=q_len, kv_size=kv_len, mod_grid=block_mask.grid,
+      q_offsets=jnp.int32(q_offset), kv_offsets=jnp.int32(kv_offset),
+      mask_mod=mod, mod_blocks=block_mask.states[0, h],
+    )  # fmt: skip
+    got = np.asarray(vis.block_states(bq, bk, nq, nk))
+    assert not np.any((got == HIDDEN) & (expected[h] != HIDDEN))
+    assert not np.any((got == FULL) & (expected[h] != FULL))
+    if aligned:
+      np.testing.assert_array_equal(got, expected[h])
+  assert (got == HIDDEN).any() or not aligned  # the lookup skips something

@@ -108,7 +108,10 @@ def test_flash_visits_exactly_the_blocks_that_hold_a_visible_key():
   mod = jattn.mods.document_mask(jnp.asarray(docs))
   block_mask = jattn.create_block_mask(mod, B, None, t, s, block_sizes=(8, 8))
   call, opts, statics = _call.split_call(
-    dict(query=q, key=k, value=v, is_causal=True, block_mask=block_mask), strict=True
+    dict(
+      query=q, key=k, value=v, is_causal=True, block_mask=block_mask, block_sizes=(8, 8)
+    ),
+    strict=True,
   )
   p = _prepare.prepare_call(call, opts, statics)
   bq, bk = _options.block_sizes(t, s, p.opts.block_sizes)

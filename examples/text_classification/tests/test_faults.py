@@ -19,6 +19,7 @@ from test_train import (
   read_json,
   read_metrics,
   run_main,
+  subprocess_env,
 )
 
 import config as config_lib
@@ -37,6 +38,7 @@ def start_and_interrupt(workdir, flags, sig):
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
+    env=subprocess_env(workdir),
   )
   deadline = time.monotonic() + 240  # a guard, not a synchronisation
   while not (workdir / 'checkpoints' / '20').exists() and process.poll() is None:
@@ -58,6 +60,7 @@ def test_sigterm_and_kill_9_then_resume_match_an_uninterrupted_run(tmp_path):
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
+    env=subprocess_env(tmp_path / 'whole'),
   )
 
   # SIGTERM: the run finishes its logging window, saves and exits.

@@ -37,12 +37,27 @@ TINY = [
 ]  # fmt: skip
 
 
+def subprocess_env(workdir):
+  """A run in its own process: one device, and a compilation cache shared by
+  the runs of one test (``workdir``'s parent), so a resumed run loads what
+  the first one compiled (single-device programs only: no collectives)."""
+  cache = os.path.join(os.path.dirname(os.path.abspath(workdir)), 'compiled')
+  return dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=1',
+    JAX_COMPILATION_CACHE_DIR=cache,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
+
+
 def run_main(workdir, *flags):
   return subprocess.run(
     [sys.executable, MAIN, *TINY, '--workdir', str(workdir), *flags],
     capture_output=True,
     text=True,
     timeout=300,
+    env=subprocess_env(workdir),
   )
 
 
