@@ -62,9 +62,12 @@ def run(params, x, cache, setting=None):
   return jnp.concatenate(outs, axis=1), cache
 
 
-def test_each_sequence_reads_only_what_it_stored(keys_per_step):
+def test_each_sequence_reads_only_what_it_stored(monkeypatch):
+  # Read one page per step: every step of the read, and the merge of steps,
+  # must keep to the sequence's own pages (the one-step read is the others').
+  monkeypatch.setattr(kv, 'KEYS_PER_STEP', 4)
   params = model()
-  run = functools.partial(globals()['run'], setting=keys_per_step)
+  run = functools.partial(globals()['run'], setting='one page per step')
   x = tokens(1)
   out, cache = run(params, x, messy_cache(params))
   np.testing.assert_array_equal(cache.lengths, STORED)
