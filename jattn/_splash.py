@@ -123,17 +123,28 @@ def _needs_elements(vis) -> bool:
   )
 
 
-def _element_tiles(p: Prepared, q_size: int, kv_size: int):
-  """``[B, nq·nk, TILE, TILE]`` bool: jattn's element test of each tile of
-  each sequence, asked of one head (the rules do not differ by head)."""
+def _per_sequence(p: Prepared, fn):
+  """``fn(vis)`` for each sequence's visibility value, padded to whole tiles
+  and asked of one head (no rule splash takes differs by head): ``[B, ...]``."""
   one = p.q[:, :, :1, :0], p.k[:, :, :1, :0]  # one head, no features
   vis = p.vis.replace(head_index=p.vis.head_index[:1])
+  q_size, kv_size = (-(-n // TILE) * TILE for n in (p.q.shape[1], p.k.shape[1]))
 
   def head(q, k, v, bias, vis, seed):
-    visible = vis.pad(q_size, kv_size, k.shape[0]).elements(0, 0, q_size, kv_size)
+    return fn(vis.pad(q_size, kv_size, k.shape[0]))
+
+  return map_heads(head, *one, one[1], None, vis, None, out_axis=0)[:, 0, 0]
+
+
+def _element_tiles(p: Prepared, q_size: int, kv_size: int):
+  """``[B, nq·nk, TILE, TILE]`` bool: jattn's element test of each tile of
+  each sequence."""
+
+  def elements(vis):
+    visible = vis.elements(0, 0, q_size, kv_size)
     return jnp.ones((q_size, kv_size), bool) if visible is None else visible
 
-  visible = map_heads(head, *one, one[1], None, vis, None, out_axis=0)[:, 0, 0]
+  visible = _per_sequence(p, elements)
   tiles = visible.reshape(-1, q_size // TILE, TILE, kv_size // TILE, TILE)
   return jnp.swapaxes(tiles, 2, 3).reshape(visible.shape[0], -1, TILE, TILE)
 
@@ -225,15 +236,9 @@ class Splash:
     nq, nk = -(-q_len // TILE), -(-kv_len // TILE)
     q_size, kv_size = nq * TILE, nk * TILE
     vis = p.vis
-    tiny = p.q[..., :0], p.k[..., :0]  # map_heads reads the heads off these
-    states = map_heads(
-      lambda q, k, v, bias, vis, seed: vis.pad(q_size, kv_size, kv_len).block_states(
-        TILE, TILE, nq, nk
-      ),
-      *tiny, tiny[1], None, vis, None, out_axis=0,
-    )[:, 0, 0]  # fmt: skip  # [B, nq, nk]: no rule here differs by head
+    states = _per_sequence(p, lambda vis: vis.block_states(TILE, TILE, nq, nk))
     per_row = lambda x: jnp.zeros((batch,), jnp.int32) if x is None else x
-    shift = per_row(vis.q_offsets) - per_row(vis.kv_offsets)
+    shift = (per_row(vis.q_offsets) - per_row(vis.kv_offsets)).astype(jnp.int32)
     q_sequence = jnp.arange(q_size, dtype=jnp.int32)[None] + shift[:, None]
     q_ids = _ids(vis.q_segment_ids, vis.query_seq_lengths, q_len, q_size, _NO_ROW)
     kv_ids = _ids(

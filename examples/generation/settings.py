@@ -18,7 +18,7 @@ def setting(default, help: str, choices: tuple | None = None):
   return dataclasses.field(default=default, metadata={'help': help, 'choices': choices})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Settings:
   # Data: the byte sequences of this Python's own standard library sources.
   max_files: int = setting(0, 'use only the first N source files (0: all)')

@@ -52,7 +52,8 @@ class Trainer:
     return nnx.merge(self.graphdef, state, self.rest)
 
   def init_state(self) -> dict:
-    params = self.initial_params
+    """A fresh state (its own buffers: a train step donates them)."""
+    params = jax.tree.map(jnp.copy, self.initial_params)
     return {'step': jnp.int32(0), 'params': params, 'opt': self.optimizer.init(params)}
 
   def _loss(self, params, batch):
@@ -103,10 +104,17 @@ def write_records(workdir: str, records: list[dict]) -> None:
   os.replace(path + '.tmp', path)
 
 
-def train(settings, data: dict, workdir: str):
+@functools.lru_cache(maxsize=4)
+def trainer_for(settings) -> Trainer:
+  """One ``Trainer`` (so one compilation) per settings in a process."""
+  return Trainer(settings)
+
+
+def train(settings, data: dict, workdir: str, until: int | None = None):
   """Trains (or resumes) to ``settings.num_steps``: ``(trainer, state,
-  validation records)``."""
-  trainer = Trainer(settings)
+  validation records)``. ``until``: stop after that step's checkpoint, as
+  a run interrupted there would (tests)."""
+  trainer = trainer_for(settings)
   manager = checkpoints(workdir)
   state = trainer.init_state()
   if manager.latest_step() is not None:
@@ -143,6 +151,8 @@ def train(settings, data: dict, workdir: str):
       write_records(workdir, records)
       if bar is not None:
         bar.set_postfix(val_bpb=f'{record["validation_bits_per_byte"]:.3f}')
+      if done == until:
+        break
   if bar is not None:
     bar.close()
   manager.close()
