@@ -1,7 +1,7 @@
 """Train a small byte-level language model on jattn and sample from it
 through its KV caches.
 
-  python examples/generation/main.py                  # ~10 min on a 2-core CPU
+  python examples/generation/main.py                  # about 7 min on a 2-core CPU
   python examples/generation/main.py --num_steps 50 --workdir runs/quick
 
 The data are this Python's own standard library sources (no download).
@@ -24,8 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import settings as settings_lib
 
 
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, not the usage
+    raise settings_lib.UserError(message)
+
+
 def parse(argv=None) -> settings_lib.Settings:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   for field in dataclasses.fields(settings_lib.Settings):

@@ -113,6 +113,8 @@ def test_a_tiny_run_writes_its_summary(tmp_path):
     (['--num_heads', '5'], 'multiple of --num_heads'),
     (['--top_p', '0'], '--top_p in (0, 1]'),
     (['--new_tokens', '500'], 'at most --length'),
+    (['--num_layers', 'x'], "invalid int value: 'x'"),
+    (['--nonsense'], 'unrecognized arguments'),
   ],
 )
 def test_bad_flags_are_one_line(flags, message):
