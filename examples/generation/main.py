@@ -52,11 +52,10 @@ def parse(argv=None) -> settings_lib.Settings:
 
 def main(argv=None) -> None:
   try:
-    settings = parse(argv)
+    run(parse(argv))
   except settings_lib.UserError as error:
     print(f'error: {error}', file=sys.stderr)
     raise SystemExit(2) from None
-  run(settings)
 
 
 def run(settings) -> dict:
@@ -70,6 +69,12 @@ def run(settings) -> dict:
 
   os.makedirs(settings.workdir, exist_ok=True)
   data = stdlib_bytes.splits(settings.max_files)
+  for name, split in data.items():
+    if split.data.size <= settings.length + 1:
+      raise settings_lib.UserError(
+        f'--max_files {settings.max_files} leaves the {name} split '
+        f'{split.data.size} bytes; it needs more than --length ({settings.length}).'
+      )
   sizes = ', '.join(
     f'{k} {v.files} files / {v.data.size} bytes' for k, v in data.items()
   )

@@ -115,6 +115,7 @@ def test_a_tiny_run_writes_its_summary(tmp_path):
     (['--new_tokens', '500'], 'at most --length'),
     (['--num_layers', 'x'], "invalid int value: 'x'"),
     (['--nonsense'], 'unrecognized arguments'),
+    (['--max_files', '2'], '--max_files 2 leaves the'),
   ],
 )
 def test_bad_flags_are_one_line(flags, message):
