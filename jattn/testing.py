@@ -57,11 +57,18 @@ def temp_bytes(compiled) -> int:
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def _value_and_grads(fn, args, argnums, cotangent_seed):
-  out = fn(*args)
-  cotangent = jax.random.normal(jax.random.key(cotangent_seed), out.shape, jnp.float32)
-  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent)
-  grads = jax.grad(loss, argnums=argnums)(*args)
+def _value_and_grads(fn, args, argnums, cotangent_seed, jit):
+  """``(fn(*args), gradients)``, as one compiled program (the forward once)
+  or op by op."""
+
+  def loss(*a):
+    out = fn(*a)
+    key = jax.random.key(cotangent_seed)
+    cotangent = jax.random.normal(key, out.shape, jnp.float32)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+  value_and_grad = jax.value_and_grad(loss, argnums, has_aux=True)
+  (_, out), grads = (jax.jit(value_and_grad) if jit else value_and_grad)(*args)
   return out, grads
 
 
@@ -73,19 +80,23 @@ def assert_functions_agree(
   dtype=None,
   check_grads: bool = True,
   cotangent_seed: int = 0,
+  jit: bool = True,
 ) -> None:
   """``fn_a(*args)`` and ``fn_b(*args)`` agree, and so do their gradients.
 
   Gradients are of ``sum(out * c)`` for a fixed random cotangent ``c`` with
   respect to ``args[argnums]``. ``dtype`` picks the tolerance (default: the
-  dtype of the first argument).
+  dtype of the first argument). Each function's value and gradients are one
+  ``jax.jit`` program; ``jit=False`` runs them op by op instead (for a
+  function that cannot be compiled whole).
   """
   dtype = args[0].dtype if dtype is None else dtype
   if not check_grads:
     assert_trees_close(fn_a(*args), fn_b(*args), dtype)
     return
-  out_a, grads_a = _value_and_grads(fn_a, args, tuple(argnums), cotangent_seed)
-  out_b, grads_b = _value_and_grads(fn_b, args, tuple(argnums), cotangent_seed)
+  argnums = tuple(argnums)
+  out_a, grads_a = _value_and_grads(fn_a, args, argnums, cotangent_seed, jit)
+  out_b, grads_b = _value_and_grads(fn_b, args, argnums, cotangent_seed, jit)
   chex.assert_equal_shape([out_a, out_b])
   assert_trees_close(out_a, out_b, dtype)
   assert_trees_close(grads_a, grads_b, dtype, grads=True)

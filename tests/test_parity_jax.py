@@ -80,8 +80,16 @@ def test_matches_jax_nn(feature, dtype, impl):
   def theirs(q, k, v, b=None):
     return jax_nn_with_zero_rows(q, k, v, b, **kwargs)
 
+  # jax.nn's float16 path does not compile inside a jit on the CPU (its
+  # float16 x float16 -> float32 dot_general): that case runs op by op.
   with jax.numpy_dtype_promotion('standard'):
-    testing.assert_functions_agree(ours, theirs, *args, argnums=tuple(range(len(args))))
+    testing.assert_functions_agree(
+      ours,
+      theirs,
+      *args,
+      argnums=tuple(range(len(args))),
+      jit=dtype != jnp.float16,
+    )
 
 
 def test_default_reads_kv_head_h_over_g():
