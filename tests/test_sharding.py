@@ -131,9 +131,6 @@ RING_MESHES = [
 
 
 def ring_check(mesh_shape, *, q_len=48, dtype=jnp.float32, kv_heads=2, **kwargs):
-  # JAX 0.10 reuses a transposed jit compiled for an earlier mesh of the same
-  # program (IndivisibleError in the backward); start each mesh afresh.
-  jax.clear_caches()
   mesh = sharding.make_mesh(mesh_shape)
   q, k, v = helpers.qkv(
     0, batch=(2,), q_len=q_len, kv_len=q_len, heads=4, kv_heads=kv_heads, dtype=dtype
