@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
@@ -93,10 +94,16 @@ def write_all(workdir, records, task, params, data) -> None:
   index = int(np.argmin(np.abs(test.lengths - 64)))
   ids = test.tokens[index]
   batch = {k: jnp.asarray(v) for k, v in batches_lib.one_example(ids).items()}
-  model = task.model(params)
-  layer = len(model.blocks) - 1
-  weights = np.asarray(model.attention_maps(batch, layer)[0])
-  predicted = data.names[int(jnp.argmax(model(batch)[0, 0]))]
+  layer = len(task.model(params).blocks) - 1
+
+  @jax.jit  # one program, not one per operation
+  def maps_and_logits(params, batch):
+    model = task.model(params)
+    return model.attention_maps(batch, layer)[0], model(batch)[0, 0]
+
+  weights, logits = maps_and_logits(params, batch)
+  weights = np.asarray(weights)
+  predicted = data.names[int(jnp.argmax(logits))]
   title = (
     f'layer {layer}, test example {index} ({len(ids)} tokens): label '
     f'{data.names[int(test.labels[index])]}, predicted {predicted}'
