@@ -24,9 +24,17 @@ from test_train import (
 
 import config as config_lib
 import main
+import plots
 import train
 import workdir as workdir_lib
 from checkpoints import Checkpoints
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+  """In-process runs here test resuming, not plots (test_train's tiny run
+  does): a finished run skips them."""
+  monkeypatch.setattr(plots, 'write_all', lambda *args: None)
 
 
 def start_and_interrupt(workdir, flags, sig):
@@ -103,7 +111,7 @@ def test_sigterm_and_kill_9_then_resume_match_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize('best', [5, 10])
 def test_damaged_best_checkpoint_falls_back_to_the_latest(
-  best, tmp_path, capsys, monkeypatch
+  best, tmp_path, capsys, monkeypatch, no_plots
 ):
   # Which evaluation is best is set here, so both ways of falling back run.
   evaluate = train.evaluate
@@ -134,7 +142,7 @@ def test_damaged_best_checkpoint_falls_back_to_the_latest(
 
 
 def test_a_second_signal_during_a_checkpoint_ends_the_run_after_it(
-  tmp_path, monkeypatch, capsys
+  tmp_path, monkeypatch, capsys, no_plots
 ):
   # Both signals land while step 10 is being saved: the save completes,
   # then one line says how to resume, and the resumed run ends as usual.
@@ -162,7 +170,7 @@ def test_a_second_signal_during_a_checkpoint_ends_the_run_after_it(
 
 
 def test_a_signal_while_testing_ends_the_run_with_one_line(
-  tmp_path, monkeypatch, capsys
+  tmp_path, monkeypatch, capsys, no_plots
 ):
   flags = [*TINY, '--workdir', str(tmp_path), '--num_steps', '10', '--eval_every', '10']
   test = train.test
